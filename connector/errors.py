@@ -1,0 +1,77 @@
+"""The connector's one exception tree, split by what the caller does next.
+
+    ConnectorError
+    ├── ConfigError            fix the configuration; the process exits with status 2
+    │   └── AuthError          keys, project key or region are wrong (401/403)
+    ├── RetryLater             a transient fault; the same work is retried later
+    │   ├── ExportUnavailable  Amplitude answered 429/5xx/timeout/garbage
+    │   └── PostHogUnavailable PostHog answered 429/5xx/timeout or refused the connection
+    ├── OperatorActionNeeded   retrying cannot help; a person must act
+    │   ├── HourTooLarge       a single hour is over the Export API's 4 GB limit
+    │   └── StateError         the state store is missing, unwritable, full or locked
+    ├── RecordRejected         one record cannot be imported; it is kept with its reason
+    └── Interrupted            the process is stopping; the unfinished hour is redone next start
+
+Messages never contain secrets: the classes take only the words they are given,
+and callers build them from names, never from values.
+"""
+
+from __future__ import annotations
+
+
+class ConnectorError(Exception):
+    """Base of every error the connector raises on purpose."""
+
+
+class ConfigError(ConnectorError):
+    """The configuration is wrong. `problems` lists every problem found, one per line."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class AuthError(ConfigError):
+    """A service refused our credentials (keys, project key, or Amplitude region)."""
+
+
+class RetryLater(ConnectorError):
+    """A transient fault. `retry_after` is the server's hint in seconds, if any."""
+
+    def __init__(self, message: str, retry_after: float | None = None, cause: str = "other"):
+        self.retry_after = retry_after
+        self.cause = cause
+        super().__init__(message)
+
+
+class ExportUnavailable(RetryLater):
+    """The Amplitude Export API did not deliver a usable archive this time."""
+
+
+class PostHogUnavailable(RetryLater):
+    """PostHog did not accept a batch this time."""
+
+
+class OperatorActionNeeded(ConnectorError):
+    """Retrying will not help; the message says what a person must do."""
+
+
+class HourTooLarge(OperatorActionNeeded):
+    """A single hour cannot be exported through the Export API (over 4 GB)."""
+
+
+class StateError(OperatorActionNeeded):
+    """The state store cannot be used (missing directory, read-only, disk full, locked)."""
+
+
+class RecordRejected(ConnectorError):
+    """One record cannot be imported. `reason` is a short stable code, e.g. `no_usable_id`."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class Interrupted(ConnectorError):
+    """A stop was requested (SIGTERM/SIGINT). Nothing of the unfinished hour was committed."""

@@ -1,0 +1,35 @@
+"""Prometheus metrics of one connector process, in a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+
+class Metrics:
+    """Counters and gauges the sync loop updates; `render()` is the /metrics body."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.events_read = Counter("connector_events_read", "Amplitude records read from exports", registry=r)
+        self.events_sent = Counter("connector_events_sent", "Events PostHog accepted", registry=r)
+        self.events_rejected = Counter(
+            "connector_events_rejected", "Records rejected, by reason", ["reason"], registry=r
+        )
+        self.events_ignored = Counter("connector_events_ignored", "Records of ignored event types", registry=r)
+        self.merges_sent = Counter("connector_merges_sent", "Device-to-user merges PostHog accepted", registry=r)
+        self.merge_conflicts = Counter(
+            "connector_merge_conflicts", "Device/user pairs not merged: device already linked to another user", registry=r
+        )
+        self.hours = Counter("connector_hours", "Hours finished, by outcome", ["outcome"], registry=r)
+        self.export_bytes = Counter("connector_export_bytes", "Bytes of export archives downloaded", registry=r)
+        self.retries = Counter("connector_retries", "Retries, by service and cause", ["service", "cause"], registry=r)
+        self.cursor = Gauge("connector_cursor_timestamp_seconds", "The cursor: first hour not yet delivered", registry=r)
+        self.lag = Gauge("connector_lag_seconds", "Now minus the cursor", registry=r)
+        self.backlog = Gauge("connector_backlog_hours", "Due hours not yet delivered", registry=r)
+        self.last_tick = Gauge("connector_last_tick_timestamp_seconds", "When the last sync tick finished", registry=r)
+        for outcome in ("done", "empty", "failed"):
+            self.hours.labels(outcome)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
