@@ -123,6 +123,9 @@ class Archive:
         for member in self.members_for(hour):
             for piece in self._member_lines(member):
                 if isinstance(piece, OversizedLine):
+                    if pending:  # keep file order
+                        yield b"\n".join(pending)
+                        pending, pending_size = [], 0
                     yield piece
                     continue
                 pending.append(piece)
@@ -148,8 +151,9 @@ class Archive:
                     if not chunk:
                         break
                     while chunk:
-                        data = inflater.decompress(chunk)
-                        chunk = b""
+                        # Bounded output per call: a dense member cannot balloon memory.
+                        data = inflater.decompress(chunk, 4 * _READ_BYTES)
+                        chunk = inflater.unconsumed_tail
                         if inflater.eof and inflater.unused_data:
                             # Concatenated gzip streams are one valid gzip file.
                             chunk = inflater.unused_data

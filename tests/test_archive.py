@@ -1,0 +1,121 @@
+"""Reading export archives: real zip files of gzip members, streamed."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import zipfile
+from datetime import datetime, timezone
+
+import pytest
+
+from connector import export
+from connector.errors import ExportUnavailable
+from connector.export import Archive, OversizedLine, RangeTooLarge, member_of
+
+H9 = datetime(2025, 7, 1, 9, tzinfo=timezone.utc)
+H10 = datetime(2025, 7, 1, 10, tzinfo=timezone.utc)
+
+
+def write_zip(path, members: dict[str, bytes]) -> str:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return str(path)
+
+
+def lines_of(archive: Archive, hour: datetime) -> list[bytes]:
+    out = []
+    for block in archive.blocks(hour):
+        out.extend(block.split(b"\n") if isinstance(block, bytes) else [block])
+    return out
+
+
+def test_member_names_give_hour_and_sequence():
+    m = member_of("123/123_2025-07-01_9#10.json.gz")
+    assert (m.hour, m.seq) == (H9, 10)
+    assert member_of("123/notes.txt") is None
+    assert member_of("123/odd-name.json.gz").hour is None
+
+
+def test_members_are_read_in_natural_order_and_last_line_may_lack_newline(tmp_path):
+    members = {
+        f"1/1_2025-07-01_9#{n}.json.gz": gzip.compress(f'{{"n":{n},"a":1}}\n{{"n":{n},"a":2}}'.encode())
+        for n in (10, 2, 1, 9)
+    }
+    members["1/readme.txt"] = b"ignored"
+    with Archive(write_zip(tmp_path / "a.zip", members), 0, H9, H9) as archive:
+        got = lines_of(archive, H9)
+    assert [line.decode() for line in got] == [
+        f'{{"n":{n},"a":{a}}}' for n in (1, 2, 9, 10) for a in (1, 2)
+    ]
+
+
+def test_concatenated_gzip_streams_are_one_member(tmp_path):
+    data = gzip.compress(b"a\nb\n") + gzip.compress(b"c\n")
+    with Archive(write_zip(tmp_path / "a.zip", {"1/1_2025-07-01_9#1.json.gz": data}), 0, H9, H9) as archive:
+        assert lines_of(archive, H9) == [b"a", b"b", b"c"]
+
+
+def test_multi_hour_archive_splits_members_by_hour(tmp_path):
+    members = {
+        "1/1_2025-07-01_9#1.json.gz": gzip.compress(b"nine"),
+        "1/1_2025-07-01_10#1.json.gz": gzip.compress(b"ten"),
+    }
+    with Archive(write_zip(tmp_path / "a.zip", members), 0, H9, H10) as archive:
+        assert lines_of(archive, H9) == [b"nine"]
+        assert lines_of(archive, H10) == [b"ten"]
+
+
+def test_multi_hour_archive_with_unnamed_members_asks_for_single_hours(tmp_path):
+    with Archive(write_zip(tmp_path / "a.zip", {"1/x.json.gz": gzip.compress(b"x")}), 0, H9, H10) as archive:
+        with pytest.raises(RangeTooLarge):
+            archive.members_for(H9)
+
+
+def test_corrupt_gzip_member_is_retryable(tmp_path):
+    good = gzip.compress(b'{"a":1}\n' * 1000)
+    bad = good[:40] + bytes(b ^ 0xFF for b in good[40:80]) + good[80:]
+    with Archive(write_zip(tmp_path / "a.zip", {"1/1_2025-07-01_9#1.json.gz": bad}), 0, H9, H9) as archive:
+        with pytest.raises(ExportUnavailable):
+            lines_of(archive, H9)
+
+
+def test_truncated_gzip_member_is_retryable(tmp_path):
+    data = gzip.compress(b'{"a":1}\n' * 1000)[:-30]
+    with Archive(write_zip(tmp_path / "a.zip", {"1/1_2025-07-01_9#1.json.gz": data}), 0, H9, H9) as archive:
+        with pytest.raises(ExportUnavailable, match="truncated|corrupt"):
+            lines_of(archive, H9)
+
+
+def test_overlong_line_is_cut_out_and_the_rest_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(export, "KEPT_PREFIX_BYTES", 10)
+    monkeypatch.setattr(export, "_READ_BYTES", 64)  # the long line arrives over many reads
+    data = b"first\n" + b"x" * 5000 + b"\nlast"
+    with Archive(write_zip(tmp_path / "a.zip", {"1/1_2025-07-01_9#1.json.gz": gzip.compress(data)}), 0, H9, H9) as archive:
+        got = lines_of(archive, H9)
+    assert got[0] == b"first" and got[-1] == b"last"
+    assert got[1] == OversizedLine(b"x" * 10, 5000)
+
+
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "MIN_INFLATION_ALLOWANCE", 1000)
+    bomb = gzip.compress(b"\n" * 10_000_000)  # ~10 KB inflating 1000x
+    with Archive(write_zip(tmp_path / "a.zip", {"1/1_2025-07-01_9#1.json.gz": bomb}), 0, H9, H9) as archive:
+        with pytest.raises(ExportUnavailable, match="bomb"):
+            lines_of(archive, H9)
+
+
+def test_member_names_are_never_used_as_paths(tmp_path):
+    evil = {"../../evil_2025-07-01_9#1.json.gz": gzip.compress(b"x"), "/etc/passwd_2025-07-01_9#2.json.gz": gzip.compress(b"y")}
+    with Archive(write_zip(tmp_path / "a.zip", evil), 0, H9, H9) as archive:
+        assert lines_of(archive, H9) == [b"x", b"y"]
+    assert list(tmp_path.iterdir()) == []  # the archive itself was deleted on close; nothing was extracted
+    assert not (tmp_path.parent.parent / "evil_2025-07-01_9#1.json.gz").exists()
+
+
+def test_close_deletes_the_temporary_file(tmp_path):
+    path = write_zip(tmp_path / "a.zip", {"1/1_2025-07-01_9#1.json.gz": gzip.compress(b"x")})
+    Archive(path, 0, H9, H9).close()
+    assert not (tmp_path / "a.zip").exists()

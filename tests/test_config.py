@@ -1,0 +1,167 @@
+"""Configuration: plugin.json is the one schema; every problem is reported at once."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from connector.config import REGION_HOSTS, env_name, load_config, load_schema, parse_hour
+from connector.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRETS = {"AMPLITUDE_API_KEY": "amp-key-7f3a9", "AMPLITUDE_SECRET_KEY": "amp-secret-b21c4", "POSTHOG_PROJECT_API_KEY": "phc_secret_98d1"}
+VALID = {**SECRETS, "POSTHOG_HOST": "https://posthog.example.com"}
+
+
+def test_packaged_schema_is_the_top_level_plugin_json():
+    top = json.loads((ROOT / "plugin.json").read_text())
+    keys = [e["key"] for e in top["config"] if "key" in e]
+    assert [s.key for s in load_schema()] == keys
+    for field in ("name", "description", "url", "posthogVersion", "config"):
+        assert field in top
+
+
+def test_plugin_json_entries_use_posthogs_plugin_format():
+    for entry in json.loads((ROOT / "plugin.json").read_text())["config"]:
+        if "key" not in entry:
+            assert "markdown" in entry
+            continue
+        assert entry["type"] in ("string", "choice", "json")
+        assert isinstance(entry["default"], str)
+        assert {"name", "hint", "required", "secret"} <= entry.keys()
+        if entry["type"] == "choice":
+            assert entry["default"] in entry["choices"]
+
+
+def test_required_names_from_the_issue_exist():
+    keys = {s.key: s for s in load_schema()}
+    for key in ("amplitudeApiKey", "amplitudeSecretKey", "posthogProjectApiKey"):
+        assert keys[key].secret and keys[key].required
+    for key in ("amplitudeRegion", "amplitudeBaseUrl", "posthogHost", "startDate", "endDate", "exportDelayHours",
+                "pollIntervalMinutes", "eventsToIgnore", "stateStoreUrl", "maxEventsPerSecond", "healthPort"):
+        assert key in keys
+    assert keys["eventsToIgnore"].default == "session_start,session_end"
+
+
+def test_env_names_are_upper_snake_case_of_keys():
+    assert env_name("amplitudeApiKey") == "AMPLITUDE_API_KEY"
+    assert env_name("posthogHost") == "POSTHOG_HOST"
+    assert env_name("exportDelayHours") == "EXPORT_DELAY_HOURS"
+
+
+def test_defaults_apply_and_region_picks_the_host():
+    config = load_config(VALID)
+    assert config.export_url == "https://amplitude.com/api/2/export"
+    assert config.export_delay == timedelta(hours=3)
+    assert config.events_to_ignore == {"session_start", "session_end"}
+    assert config.start_hour is None and config.end_hour is None
+    assert load_config({**VALID, "AMPLITUDE_REGION": "EU"}).export_url == REGION_HOSTS["EU"] + "/api/2/export"
+    assert load_config({**VALID, "AMPLITUDE_BASE_URL": "http://127.0.0.1:9/"}).export_url == "http://127.0.0.1:9/api/2/export"
+
+
+@pytest.mark.parametrize(
+    "text, hour",
+    [("2025-07-01", datetime(2025, 7, 1, tzinfo=timezone.utc)),
+     ("2025-07-01T05", datetime(2025, 7, 1, 5, tzinfo=timezone.utc)),
+     ("2025-07-01T05:59:59", datetime(2025, 7, 1, 5, tzinfo=timezone.utc)),
+     ("2025-07-01T05:30:00+02:00", datetime(2025, 7, 1, 3, tzinfo=timezone.utc)),
+     ("2025-07-01T05:30:00Z", datetime(2025, 7, 1, 5, tzinfo=timezone.utc))],
+)
+def test_dates_are_utc_hours(text, hour):
+    assert parse_hour(text) == hour
+
+
+# Each: (variable, bad value) -> the message names the variable.
+BAD = [
+    ("AMPLITUDE_API_KEY", ""),
+    ("AMPLITUDE_SECRET_KEY", ""),
+    ("POSTHOG_PROJECT_API_KEY", ""),
+    ("POSTHOG_HOST", ""),
+    ("POSTHOG_HOST", "posthog.example.com"),
+    ("AMPLITUDE_BASE_URL", "127.0.0.1:8080"),
+    ("AMPLITUDE_REGION", "APAC"),
+    ("START_DATE", "2025-13-01"),
+    ("START_DATE", "yesterday"),
+    ("END_DATE", "2025/07/01"),
+    ("EXPORT_DELAY_HOURS", "two"),
+    ("EXPORT_DELAY_HOURS", "-1"),
+    ("POLL_INTERVAL_MINUTES", "often"),
+    ("MAX_EVENTS_PER_SECOND", "fast"),
+    ("HEALTH_PORT", "99999"),
+    ("HEALTH_PORT", "http"),
+    ("WORKERS", "1.5"),
+    ("LOG_LEVEL", "LOUD"),
+    ("STATE_STORE_URL", "redis://localhost"),
+]
+
+
+@pytest.mark.parametrize("variable, value", BAD, ids=[f"{v}={x!r}" for v, x in BAD])
+def test_each_bad_variable_is_named_and_exits_2(variable, value):
+    env = {**VALID, variable: value}
+    with pytest.raises(ConfigError) as info:
+        load_config(env)
+    assert any(variable in problem for problem in info.value.problems)
+    result = subprocess.run([sys.executable, "-m", "connector", "sync"], env={**env, "PATH": "/usr/bin"},
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 2
+    assert variable in result.stderr
+    for secret in SECRETS.values():
+        assert secret not in result.stderr + result.stdout
+
+
+def test_end_before_start_is_refused():
+    with pytest.raises(ConfigError) as info:
+        load_config({**VALID, "START_DATE": "2025-07-02", "END_DATE": "2025-07-01"})
+    assert "END_DATE" in str(info.value) and "START_DATE" in str(info.value)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        load_config({"AMPLITUDE_REGION": "XX", "EXPORT_DELAY_HOURS": "x", "START_DATE": "nope"})
+    text = "\n".join(info.value.problems)
+    for variable in ("AMPLITUDE_API_KEY", "AMPLITUDE_SECRET_KEY", "POSTHOG_HOST", "POSTHOG_PROJECT_API_KEY",
+                     "AMPLITUDE_REGION", "EXPORT_DELAY_HOURS", "START_DATE"):
+        assert variable in text
+    assert len(info.value.problems) == 7
+
+
+def test_secrets_never_show_in_reprs():
+    config = load_config(VALID)
+    text = repr(config) + str(config)
+    for secret in SECRETS.values():
+        assert secret not in text
+    assert config.amplitude_api_key.reveal() == SECRETS["AMPLITUDE_API_KEY"]
+
+
+def test_readme_configuration_table_matches_plugin_json():
+    readme = (ROOT / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        match = re.match(r"\|\s*`([A-Z_]+)`\s*\|\s*`(\w+)`\s*\|([^|]*)\|([^|]*)\|", line)
+        if match:
+            rows[match.group(2)] = (match.group(1), match.group(3).strip(), match.group(4).strip())
+    schema = load_schema()
+    assert set(rows) == {s.key for s in schema}, "README table and plugin.json list different settings"
+    for s in schema:
+        env, default, flags = rows[s.key]
+        assert env == s.env
+        assert default == (f"`{s.default}`" if s.default else "")
+        assert ("secret" in flags) == s.secret and ("required" in flags) == s.required
+
+
+def test_env_example_lists_every_variable_with_secrets_blank():
+    lines = dict(
+        line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    schema = load_schema()
+    assert set(lines) == {s.env for s in schema}
+    for s in schema:
+        if s.secret:
+            assert lines[s.env] == ""
