@@ -85,9 +85,10 @@ class Stopper:
     def __init__(self) -> None:
         self.event = threading.Event()
 
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+    def install(self) -> Callable[[], None]:
+        """Install the handlers; the returned function puts the previous ones back."""
+        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
 
     def _handle(self, signum: int, frame) -> None:
         first = not self.event.is_set()
@@ -394,12 +395,15 @@ def main(argv: Sequence[str] | None = None, env: dict | None = None, out=None) -
         if args.command == "check":
             return cmd_check(config, args, out)
         stopper = Stopper()
-        stopper.install()
-        app = App(config, stopper, dry_run=args.command == "sync" and args.dry_run, out=out)
+        restore = stopper.install()
         try:
-            return cmd_run(app, args) if args.command == "run" else cmd_sync(app, args)
+            app = App(config, stopper, dry_run=args.command == "sync" and args.dry_run, out=out)
+            try:
+                return cmd_run(app, args) if args.command == "run" else cmd_sync(app, args)
+            finally:
+                app.close()
         finally:
-            app.close()
+            restore()
     except Interrupted as exc:
         log.info("stopped; the unfinished hour will be redone on the next start", extra={"reason": str(exc)})
         return EXIT_OK if args.command == "run" else EXIT_FAILED

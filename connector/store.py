@@ -15,7 +15,7 @@ import sqlite3
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 from .errors import StateError
 
@@ -87,6 +87,11 @@ class StateStore(Protocol):
     def close(self) -> None: ...
 
 
+def _file_identity(path: str) -> tuple[int, int]:
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
+
+
 def _hour_text(hour: datetime) -> str:
     return hour.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:00:00Z")
 
@@ -108,9 +113,10 @@ CREATE INDEX IF NOT EXISTS rejections_hour ON rejections (hour);
 
 
 class _SQLiteHour:
-    def __init__(self, conn: sqlite3.Connection, hour: datetime):
+    def __init__(self, conn: sqlite3.Connection, hour: datetime, check_file: Callable[[], None]):
         self._conn = conn
         self._hour = _hour_text(hour)
+        self._check_file = check_file
 
     def linked_users(self, devices: Iterable[str]) -> dict[str, str]:
         devices = list(devices)
@@ -168,6 +174,7 @@ class _SQLiteHour:
         )
         self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('cursor', ?)", (_hour_text(next_cursor),))
         self._conn.execute("DELETE FROM meta WHERE key = 'last_error'")
+        self._check_file()
         self._conn.execute("COMMIT")
 
 
@@ -196,6 +203,7 @@ class SQLiteStore:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             os.close(fd)
             self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._identity = _file_identity(path)
             self._conn.execute("PRAGMA journal_mode = WAL")
             # FULL: a commit is on disk before the cursor is reported as moved.
             self._conn.execute("PRAGMA synchronous = FULL")
@@ -242,7 +250,7 @@ class SQLiteStore:
             self._conn.execute("DELETE FROM rejections WHERE hour = ?", (_hour_text(hour),))
         except sqlite3.Error as exc:
             raise StateError(f"cannot write the state file {self.path}: {exc}") from exc
-        txn = _SQLiteHour(self._conn, hour)
+        txn = _SQLiteHour(self._conn, hour, self._check_file)
         try:
             yield txn
         except sqlite3.Error as exc:
@@ -253,6 +261,16 @@ class SQLiteStore:
             raise
         else:
             self._rollback()  # no-op after commit; undoes an hour left without one
+
+    def _check_file(self) -> None:
+        """A state file deleted or replaced under a running connector would take
+        every later commit with it: refuse to commit into a file nobody will read."""
+        try:
+            same = _file_identity(self.path) == self._identity
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise StateError(f"the state file {self.path} was deleted or replaced while the connector ran; not advancing")
 
     def _rollback(self) -> None:
         if self._conn.in_transaction:
