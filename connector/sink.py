@@ -117,18 +117,6 @@ class PostHogSink:
             return self._send(first, offset) + self._send(second, offset + half)
         raise AssertionError(status)  # _post raises for every other status
 
-
-class PrintSink:
-    """`sync --dry-run`: writes each event as a JSON line and accepts everything."""
-
-    def __init__(self, out):
-        self._out = out
-
-    def send(self, batch: Batch) -> list[Refused]:
-        for event in batch.events:
-            self._out.write(event.decode("utf-8") + "\n")
-        return []
-
     def _post(self, body: bytes, events: int) -> tuple[int, str]:
         last: PostHogUnavailable | None = None
         for attempt in range(self._backoff.attempts):
@@ -161,3 +149,15 @@ class PrintSink:
             )
         assert last is not None
         raise PostHogUnavailable(f"PostHog did not accept a batch after {self._backoff.attempts} attempts; last: {last}", cause=last.cause)
+
+
+class PrintSink:
+    """`sync --dry-run`: writes each event as a JSON line and accepts everything."""
+
+    def __init__(self, out):
+        self._out = out
+
+    def send(self, batch: Batch) -> list[Refused]:
+        for event in batch.events:
+            self._out.write(event.decode("utf-8") + "\n")
+        return []

@@ -374,10 +374,14 @@ class Syncer:
         if not merges:
             return []
         first: dict[str, Merge] = {}
-        pairs: set[tuple[str, str]] = set()
+        earliest: dict[tuple[str, str], str] = {}
         for merge in merges:
             first.setdefault(merge.device_id, merge)
-            pairs.add((merge.device_id, merge.user_id))
+            pair = (merge.device_id, merge.user_id)
+            # ISO strings compare as instants once the "Z" is off ("…:05" < "…:05.1").
+            if pair not in earliest or merge.timestamp[:-1] < earliest[pair][:-1]:
+                earliest[pair] = merge.timestamp
+        pairs = earliest.keys()
         known = txn.linked_users(first)
         new = [m for device, m in first.items() if device not in known]
         linked = {**known, **{m.device_id: m.user_id for m in new}}
@@ -395,7 +399,8 @@ class Syncer:
                     "event": "$create_alias",
                     "distinct_id": m.user_id,
                     "uuid": merge_uuid(m.device_id, m.user_id),
-                    "timestamp": m.timestamp,
+                    # No later than the earliest event of this block that showed the pair.
+                    "timestamp": earliest[(m.device_id, m.user_id)],
                     "properties": {
                         "alias": m.device_id,
                         "distinct_id": m.user_id,
