@@ -357,10 +357,26 @@ def cmd_check(config: Config, args: argparse.Namespace, out) -> int:
     return EXIT_OK if all(r["ok"] for r in results.values()) else EXIT_FAILED
 
 
+def read_env_file(path: str) -> dict[str, str]:
+    """KEY=VALUE lines as docker's --env-file reads them: no quotes, no expansion, # comments."""
+    values = {}
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                key, value = line.split("=", 1)
+                values[key.strip()] = value
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m connector",
         description="Sync Amplitude Export API hours into PostHog. Configured by environment variables (see plugin.json).",
+    )
+    parser.add_argument(
+        "--env-file",
+        help="read variables from this KEY=VALUE file (as docker --env-file); the real environment wins",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="sync due hours now and every POLL_INTERVAL_MINUTES, until stopped")
@@ -379,7 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, env: dict | None = None, out=None) -> int:
     args = build_parser().parse_args(argv)
     out = out or sys.stdout
-    env = os.environ if env is None else env
+    env = dict(os.environ if env is None else env)
+    if args.env_file:
+        try:
+            env = {**read_env_file(args.env_file), **env}
+        except OSError as exc:
+            sys.stderr.write(f"configuration error:\n  - cannot read --env-file {args.env_file}: {exc.strerror}\n")
+            return EXIT_CONFIG
     try:
         config = load_config(env)
     except ConfigError as exc:
