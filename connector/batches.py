@@ -38,12 +38,14 @@ def encode_batch(api_key: str, events: Sequence[bytes], historical: bool) -> byt
     return igzip.compress(payload, compresslevel=1)
 
 
-def make_batches(api_key: str, events: Sequence[bytes], historical: bool, *, encode: bool = True) -> list[Batch]:
-    """Cut `events` into batches within PostHog's limits, keeping their order."""
+def make_batches(
+    api_key: str, events: Sequence[bytes], historical: bool, *, encode: bool = True, max_events: int = MAX_BATCH_EVENTS
+) -> list[Batch]:
+    """Cut `events` into batches of at most `max_events` within PostHog's limits, keeping their order."""
     batches: list[Batch] = []
     start, size = 0, 0
     for i, event in enumerate(events):
-        if i > start and (size + len(event) > MAX_BATCH_BYTES or i - start >= MAX_BATCH_EVENTS):
+        if i > start and (size + len(event) > MAX_BATCH_BYTES or i - start >= max_events):
             batches.append(_batch(api_key, events[start:i], historical, encode))
             start, size = i, 0
         size += len(event) + 1

@@ -138,7 +138,7 @@ class App:
                 on_retry=lambda cause: self.metrics.retries.labels("posthog", cause).inc(),
             )
         workers = 1 if dry_run else (config.workers or os.cpu_count() or 1)
-        self.translator = Translator(workers, config.posthog_project_api_key.reveal())
+        self.translator = Translator(workers, config.posthog_project_api_key.reveal(), config.batch_size)
         self.syncer = Syncer(
             config,
             self.store,

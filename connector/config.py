@@ -114,6 +114,7 @@ class Config:
     state_path: str
     max_events_per_second: float
     export_timeout: float
+    batch_size: int
     posthog_timeout: float
     health_port: int | None
     workers: int
@@ -226,6 +227,7 @@ def load_config(env: Mapping[str, str], schema: tuple[Setting, ...] | None = Non
     export_timeout = number("exportTimeoutSeconds", minimum=0.1)
     posthog_timeout = number("posthogTimeoutSeconds", minimum=0.1)
     workers = number("workers", minimum=0, integer=True)
+    batch_size = number("batchSize", minimum=1, integer=True, default=1)
     port = None
     if get("healthPort"):
         port = number("healthPort", minimum=1, integer=True, default=None)
@@ -254,6 +256,7 @@ def load_config(env: Mapping[str, str], schema: tuple[Setting, ...] | None = Non
         state_path=state,
         max_events_per_second=float(rate),
         export_timeout=float(export_timeout),
+        batch_size=int(batch_size),
         posthog_timeout=float(posthog_timeout),
         health_port=port,
         workers=int(workers),

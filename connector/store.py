@@ -53,10 +53,10 @@ class Totals:
 
 class HourTransaction(Protocol):
     def linked_users(self, devices: Iterable[str]) -> dict[str, str]:
-        """device_id -> user_id for the devices already merged (this hour's included)."""
+        """device_id -> user_id for the devices already merged."""
 
     def link(self, pairs: Iterable[tuple[str, str]]) -> None:
-        """Record merges of this hour; they count only once `commit` succeeds."""
+        """Record merges PostHog has accepted. Call only after it did."""
 
     def group_digests(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
         """(group_type, group_key) -> digest of the properties last sent."""
@@ -85,6 +85,19 @@ class StateStore(Protocol):
     def last_error(self) -> str | None: ...
 
     def close(self) -> None: ...
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One explicit transaction (the connection runs in autocommit mode)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def _file_identity(path: str) -> tuple[int, int]:
@@ -128,10 +141,11 @@ class _SQLiteHour:
         return found
 
     def link(self, pairs: Iterable[tuple[str, str]]) -> None:
-        self._conn.executemany(
-            "INSERT INTO merges (device_id, user_id, hour) VALUES (?, ?, ?)",
-            ((device, user, self._hour) for device, user in pairs),
-        )
+        with _transaction(self._conn):
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO merges (device_id, user_id, hour) VALUES (?, ?, ?)",
+                ((device, user, self._hour) for device, user in pairs),
+            )
 
     def group_digests(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
         out = {}
@@ -144,16 +158,18 @@ class _SQLiteHour:
         return out
 
     def set_group_digests(self, digests: dict[tuple[str, str], str]) -> None:
-        self._conn.executemany(
-            "INSERT OR REPLACE INTO groups_sent (group_type, group_key, digest) VALUES (?, ?, ?)",
-            ((t, k, d) for (t, k), d in digests.items()),
-        )
+        with _transaction(self._conn):
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO groups_sent (group_type, group_key, digest) VALUES (?, ?, ?)",
+                ((t, k, d) for (t, k), d in digests.items()),
+            )
 
     def reject(self, rejections: Iterable[StoredRejection]) -> None:
-        self._conn.executemany(
-            "INSERT INTO rejections (hour, reason, detail, raw) VALUES (?, ?, ?, ?)",
-            ((_hour_text(r.hour), r.reason, r.detail, r.raw) for r in rejections),
-        )
+        with _transaction(self._conn):
+            self._conn.executemany(
+                "INSERT INTO rejections (hour, reason, detail, raw) VALUES (?, ?, ?, ?)",
+                ((_hour_text(r.hour), r.reason, r.detail, r.raw) for r in rejections),
+            )
 
     def commit(self, next_cursor: datetime, stats: HourStats) -> None:
         increments = {
@@ -167,15 +183,22 @@ class _SQLiteHour:
             "hours_done": 1,
             "hours_empty": int(stats.empty),
         }
-        self._conn.executemany(
-            "INSERT INTO counters (name, value) VALUES (?, ?) "
-            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-            increments.items(),
-        )
-        self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('cursor', ?)", (_hour_text(next_cursor),))
-        self._conn.execute("DELETE FROM meta WHERE key = 'last_error'")
         self._check_file()
-        self._conn.execute("COMMIT")
+        # The cursor is the promise that the hour is delivered: make it durable.
+        self._conn.execute("PRAGMA synchronous = FULL")
+        try:
+            with _transaction(self._conn):
+                self._conn.executemany(
+                    "INSERT INTO counters (name, value) VALUES (?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                    increments.items(),
+                )
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('cursor', ?)", (_hour_text(next_cursor),)
+                )
+                self._conn.execute("DELETE FROM meta WHERE key = 'last_error'")
+        finally:
+            self._conn.execute("PRAGMA synchronous = NORMAL")
 
 
 class SQLiteStore:
@@ -205,8 +228,9 @@ class SQLiteStore:
             self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._identity = _file_identity(path)
             self._conn.execute("PRAGMA journal_mode = WAL")
-            # FULL: a commit is on disk before the cursor is reported as moved.
-            self._conn.execute("PRAGMA synchronous = FULL")
+            # NORMAL for merges and rejections (a power cut can only make them be
+            # re-sent, which PostHog deduplicates); the cursor commit switches to FULL.
+            self._conn.execute("PRAGMA synchronous = NORMAL")
             self._conn.execute("PRAGMA busy_timeout = 5000")
             self._conn.executescript(_SCHEMA)
         except sqlite3.Error as exc:
@@ -244,10 +268,10 @@ class SQLiteStore:
 
     @contextmanager
     def hour(self, hour: datetime) -> Iterator[_SQLiteHour]:
-        """A write transaction for one hour. Leaving it without `commit` rolls back."""
+        """The writes of one attempt at `hour`. Leaving without `commit` keeps the cursor."""
         try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            self._conn.execute("DELETE FROM rejections WHERE hour = ?", (_hour_text(hour),))
+            with _transaction(self._conn):
+                self._conn.execute("DELETE FROM rejections WHERE hour = ?", (_hour_text(hour),))
         except sqlite3.Error as exc:
             raise StateError(f"cannot write the state file {self.path}: {exc}") from exc
         txn = _SQLiteHour(self._conn, hour, self._check_file)
@@ -259,8 +283,6 @@ class SQLiteStore:
         except BaseException:
             self._rollback()
             raise
-        else:
-            self._rollback()  # no-op after commit; undoes an hour left without one
 
     def _check_file(self) -> None:
         """A state file deleted or replaced under a running connector would take

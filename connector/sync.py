@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator
 
 import orjson
 
-from .batches import Batch, make_batches
+from .batches import MAX_BATCH_EVENTS, Batch, make_batches
 from .config import Config
 from .errors import HourTooLarge, Interrupted, OperatorActionNeeded
 from .export import Archive, ExportClient, OversizedLine, RangeTooLarge, hour_param
@@ -70,10 +70,12 @@ class Translated:
     batches: list[Batch] = field(default_factory=list)
 
 
-def translate_and_encode(block: bytes, ctx: TranslateContext, api_key: str, historical: bool) -> Translated:
+def translate_and_encode(
+    block: bytes, ctx: TranslateContext, api_key: str, historical: bool, batch_size: int = MAX_BATCH_EVENTS
+) -> Translated:
     """Worker entry point: translate a block and build its compressed request bodies."""
     result = translate_block(block, ctx)
-    batches = make_batches(api_key, result.events, historical)
+    batches = make_batches(api_key, result.events, historical, max_events=batch_size)
     result.events = []  # they travel inside the batches
     return Translated(result, batches)
 
@@ -89,8 +91,9 @@ def _init_worker() -> None:
 class Translator:
     """Maps blocks to `Translated`, in order, inline or on a pool of processes."""
 
-    def __init__(self, workers: int, api_key: str):
+    def __init__(self, workers: int, api_key: str, batch_size: int = MAX_BATCH_EVENTS):
         self._api_key = api_key
+        self._batch_size = batch_size
         self._workers = workers
         self._pool = (
             ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker)
@@ -106,7 +109,7 @@ class Translator:
                 if isinstance(item, OversizedLine):
                     yield item, None
                 else:
-                    yield item, translate_and_encode(item, ctx, self._api_key, historical)
+                    yield item, translate_and_encode(item, ctx, self._api_key, historical, self._batch_size)
             return
         # Keep every worker busy while the main thread sends, but hold only a
         # bounded number of blocks in memory.
@@ -116,7 +119,7 @@ class Translator:
                 if isinstance(item, OversizedLine):
                     inflight.append((item, None))
                 else:
-                    inflight.append((item, self._pool.submit(translate_and_encode, item, ctx, self._api_key, historical)))
+                    inflight.append((item, self._pool.submit(translate_and_encode, item, ctx, self._api_key, historical, self._batch_size)))
                 while len(inflight) > 2 * self._workers:
                     block, future = inflight.popleft()
                     yield block, future.result() if future else None
@@ -329,14 +332,22 @@ class Syncer:
                 self._reject(
                     txn, hour, [StoredRejection(hour, r.reason, r.detail, r.raw) for r in result.rejections], counts
                 )
-                pre = self._plan_merges(result.merges, txn, counts) + self._plan_groups(result.groups, txn, counts)
-                if pre:
-                    for batch in make_batches(self._config.posthog_project_api_key.reveal(), pre, historical):
+                merge_events, new_links = self._plan_merges(result.merges, txn, counts)
+                group_events, new_digests = self._plan_groups(result.groups, txn)
+                if merge_events or group_events:
+                    key = self._config.posthog_project_api_key.reveal()
+                    for batch in make_batches(key, merge_events + group_events, historical, max_events=self._config.batch_size):
                         refused = self._sink.send(batch)
                         if refused:
                             # Merges and group updates are built here from valid ids; a refusal
                             # means PostHog changed its rules: stop rather than lose persons.
                             raise OperatorActionNeeded(f"PostHog refused a merge or group event: {refused[0].detail}")
+                    # Recorded only now that PostHog has accepted them.
+                    txn.link(new_links)
+                    txn.set_group_digests(new_digests)
+                    counts["merges_sent"] += len(new_links)
+                    counts["groups_sent"] += len(new_digests)
+                    self._metrics.merges_sent.inc(len(new_links))
                 offset = 0
                 lines: list[bytes] | None = None
                 for batch in translated.batches:
@@ -369,10 +380,15 @@ class Syncer:
         for r in rejections:
             self._metrics.events_rejected.labels(r.reason).inc()
 
-    def _plan_merges(self, merges: list[Merge], txn: HourTransaction, counts: dict) -> list[bytes]:
-        """Merge events for device/user pairs never merged before; conflicts are counted."""
+    def _plan_merges(
+        self, merges: list[Merge], txn: HourTransaction, counts: dict
+    ) -> tuple[list[bytes], list[tuple[str, str]]]:
+        """Merge events for device/user pairs never merged before, and those pairs.
+
+        A device already merged into another user is not merged again: it is counted.
+        """
         if not merges:
-            return []
+            return [], []
         first: dict[str, Merge] = {}
         earliest: dict[tuple[str, str], str] = {}
         for merge in merges:
@@ -388,12 +404,7 @@ class Syncer:
         conflicts = sum(1 for device, user in pairs if linked[device] != user)
         counts["merge_conflicts"] += conflicts
         self._metrics.merge_conflicts.inc(conflicts)
-        if not new:
-            return []
-        txn.link((m.device_id, m.user_id) for m in new)
-        counts["merges_sent"] += len(new)
-        self._metrics.merges_sent.inc(len(new))
-        return [
+        events = [
             orjson.dumps(
                 {
                     "event": "$create_alias",
@@ -412,22 +423,21 @@ class Syncer:
             )
             for m in new
         ]
+        return events, [(m.device_id, m.user_id) for m in new]
 
-    def _plan_groups(self, updates: list[GroupUpdate], txn: HourTransaction, counts: dict) -> list[bytes]:
+    def _plan_groups(
+        self, updates: list[GroupUpdate], txn: HourTransaction
+    ) -> tuple[list[bytes], dict[tuple[str, str], str]]:
         """`$groupidentify` events for groups whose properties changed since last sent."""
         if not updates:
-            return []
+            return [], {}
         latest: dict[tuple[str, str], GroupUpdate] = {}
         for update in updates:
             latest[(update.group_type, update.group_key)] = update
         known = txn.group_digests(latest)
         digests = {key: properties_digest(u.properties) for key, u in latest.items()}
         changed = {key: digest for key, digest in digests.items() if known.get(key) != digest}
-        if not changed:
-            return []
-        txn.set_group_digests(changed)
-        counts["groups_sent"] += len(changed)
-        return [
+        events = [
             orjson.dumps(
                 {
                     "event": "$groupidentify",
@@ -446,6 +456,7 @@ class Syncer:
             )
             for (group_type, group_key), digest in changed.items()
         ]
+        return events, changed
 
     def _after_hour(self, hour: datetime, stats: HourStats, seconds: float) -> None:
         self._metrics.hours.labels("empty" if stats.empty else "done").inc()

@@ -32,27 +32,22 @@ def test_commit_advances_cursor_merges_and_rejections_together(tmp_path):
     assert [r.raw for r in store.rejections(hour=H)] == [b"{}"]
 
 
-def test_an_hour_left_without_commit_records_nothing(tmp_path):
+def test_an_unfinished_hour_keeps_the_cursor_and_its_redo_starts_clean(tmp_path):
     store = SQLiteStore(str(tmp_path / "s.sqlite"))
     store.set_initial_cursor(H)
     with pytest.raises(RuntimeError):
         with store.hour(H) as txn:
-            txn.link([("dev1", "user1")])
+            txn.link([("dev1", "user1")])  # PostHog accepted this merge
             txn.reject([StoredRejection(H, "x", "", b"raw")])
             raise RuntimeError("PostHog went away")
     assert store.cursor() == H
-    assert store.totals().counters["merges_recorded"] == 0
-    assert store.rejections() == []
-
-
-def test_uncommitted_links_are_visible_within_the_hour(tmp_path):
-    store = SQLiteStore(str(tmp_path / "s.sqlite"))
+    assert store.totals().counters["merges_recorded"] == 1, "an accepted merge stays recorded: never sent twice"
     with store.hour(H) as txn:
-        txn.link([("dev1", "user1")])
+        assert store.rejections(hour=H) == [], "the redo starts without the unfinished attempt's rejections"
         assert txn.linked_users(["dev1"]) == {"dev1": "user1"}
 
 
-def test_a_killed_writer_leaves_the_last_committed_state(tmp_path):
+def test_a_killed_writer_keeps_every_committed_write(tmp_path):
     path = tmp_path / "s.sqlite"
     script = f"""
 import os
@@ -71,7 +66,7 @@ with s.hour(H + timedelta(hours=1)) as t:
     assert result.returncode == -9
     store = SQLiteStore(str(path))
     assert store.cursor() == H + timedelta(hours=1)
-    assert store.totals().counters["merges_recorded"] == 1
+    assert store.totals().counters["merges_recorded"] == 2
 
 
 def test_second_writer_is_refused_by_the_lock(tmp_path):

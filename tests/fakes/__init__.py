@@ -1,0 +1,7 @@
+"""Test fakes: local stand-ins for Amplitude's Export API and PostHog capture.
+
+- ``records``: deterministic, realistic Amplitude export records.
+- ``amplitude.FakeAmplitude``: the Export API (zip of gzip'd NDJSON per hour).
+- ``posthog.FakePostHog``: the ``/batch/`` capture endpoint with PostHog's
+  validation, timestamp and person-merge rules.
+"""
