@@ -39,6 +39,9 @@ MAX_LINE_BYTES = 4 * 1024**2
 KEPT_PREFIX_BYTES = 64 * 1024
 BLOCK_BYTES = 2 * 1024**2
 _READ_BYTES = 1024**2
+# A server asking for more than this is not waited for in one go: the attempt
+# after it will ask again.
+MAX_RETRY_AFTER = 900.0
 
 _MEMBER = re.compile(r"_(\d{4}-\d{2}-\d{2})_(\d{1,2})#(\d+)\.json\.gz$")
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -59,7 +62,7 @@ class Backoff:
     def delay(self, attempt: int, rng: random.Random, retry_after: float | None = None) -> float:
         delay = rng.uniform(0, min(self.cap, self.base * 2**attempt))
         if retry_after is not None:
-            delay = max(delay, min(retry_after, self.cap * 5))
+            delay = max(delay, min(retry_after, MAX_RETRY_AFTER))
         return delay
 
 

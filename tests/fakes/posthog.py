@@ -257,6 +257,9 @@ class FakePostHog(FakeServer):
                  on_request: Callable[[CaptureRequest], None] | None = None, port: int = 0):
         super().__init__(port)
         self.api_key = api_key
+        # Stands in for any validation rule of PostHog's that the connector does not
+        # know: a batch holding one of these uuids is refused whole with 400.
+        self.refuse_uuids: set[str] = set()
         self.clock_skew = clock_skew
         self._clock = clock or (lambda: datetime.now(timezone.utc))
         self.max_body_bytes, self.max_event_bytes = max_body_bytes, max_event_bytes
@@ -338,6 +341,9 @@ class FakePostHog(FakeServer):
             return 400, _error("Malformed request: historical_migration must be a boolean"), 0, None
         try:
             checked = [_check_event(e, i) for i, e in enumerate(batch)]
+            for i, (_, _, event_uuid) in enumerate(checked):
+                if event_uuid in self.refuse_uuids:
+                    raise _BadRequest(f"Invalid event at index {i}: refused by a validation rule")
         except _BadRequest as exc:
             return 400, _error(str(exc)), len(batch), hm
         sent_at = payload.get("sent_at")
