@@ -217,6 +217,10 @@ class SQLiteStore:
                     raise StateError(f"no state file at {path}: nothing has run with this STATE_STORE_URL yet")
                 self._conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
                 self._conn.execute("PRAGMA query_only = ON")
+                self._conn.execute("PRAGMA busy_timeout = 5000")
+                tables = {row[0] for row in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if not {"meta", "counters", "merges", "rejections"} <= tables:
+                    raise StateError(f"the state file {path} is not initialised yet: a connector is starting, try again")
                 return
             directory = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(directory):

@@ -27,7 +27,7 @@ import orjson
 
 from .batches import MAX_BATCH_EVENTS, Batch, make_batches
 from .config import Config
-from .errors import HourTooLarge, Interrupted, OperatorActionNeeded
+from .errors import ConnectorError, HourTooLarge, Interrupted, OperatorActionNeeded
 from .export import Archive, ExportClient, OversizedLine, RangeTooLarge, hour_param
 from .metrics import Metrics
 from .sink import Sink
@@ -266,7 +266,12 @@ class Syncer:
                     for hour in _hours(cursor, last):
                         if self._stop.is_set():
                             raise Interrupted("stop requested")
-                        reports.append(self._process_hour(hour, archive))
+                        try:
+                            reports.append(self._process_hour(hour, archive))
+                        except ConnectorError as exc:
+                            if not isinstance(exc, Interrupted):
+                                self._metrics.hours.labels("failed").inc()
+                            raise
                 finally:
                     if archive is not None:
                         archive.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import socket
@@ -87,8 +86,7 @@ def test_run_serves_health_and_metrics_and_logs_json_hours(amp, ph, tmp_path):
                         END_DATE=(START + 2 * HOUR).strftime("%Y-%m-%dT%H"))
     proc = spawn(["run"], env)
     try:
-        wait_until(lambda: status(env)["cursor"] == (START + 2 * HOUR).isoformat() if os.path.exists(env["STATE_STORE_URL"]) else False,
-                   30, "both hours delivered")
+        wait_until(lambda: _cursor(env) == (START + 2 * HOUR).isoformat(), 30, "both hours delivered")
         code, body = wait_until(lambda: _try_get(f"http://127.0.0.1:{port}/healthz"), 10, "healthz")
         assert code == 200 and json.loads(body)["status"] == "ok"
         code, metrics = get(f"http://127.0.0.1:{port}/metrics")
@@ -108,6 +106,12 @@ def test_run_serves_health_and_metrics_and_logs_json_hours(amp, ph, tmp_path):
         assert field in hours[0]
     for secret in SECRETS:
         assert secret not in err
+
+
+def _cursor(env):
+    """The cursor, or None while the state file does not exist or is being created."""
+    code, out = run(["status"], env)
+    return json.loads(out)["cursor"] if code == 0 else None
 
 
 def _try_get(url):
