@@ -9,6 +9,7 @@ Reusable pieces:
 
 * ``image`` (session fixture): name of the freshly built image.
 * ``run_container(name, env, volume, *args)`` -> container id (detached).
+* ``write_env_file(name, env)`` -> path of a 0600 env file (for ``run_once``).
 * ``stop_container(cid, timeout=10)`` -> ``(exit_code, seconds)``.
 * ``logs(cid)`` -> container stdout+stderr.
 * ``healthcheck(cid)`` -> 0 when the image's HEALTHCHECK passes.
@@ -135,6 +136,20 @@ def _secret_dir() -> Path:
     return _tmpdir
 
 
+def write_env_file(name: str, env: dict[str, str]) -> Path:
+    """Write ``env`` as a docker ``--env-file`` (mode 0600, private temp dir,
+    removed at session end); return its path. For ``run_once`` too:
+    ``podman_args=("--env-file", str(path))`` keeps secrets off command lines."""
+    for key, value in env.items():
+        if "\n" in str(value) or "=" in key:
+            raise ValueError(f"env {key!r}: env files take one KEY=VALUE per line")
+    env_file = _secret_dir() / f"{name}.env"
+    fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.writelines(f"{k}={v}\n" for k, v in env.items())
+    return env_file
+
+
 def run_container(name: str, env: dict[str, str], volume: str, *args: str,
                   image: str = IMAGE, podman_args: tuple[str, ...] = ()) -> str:
     """Start IMAGE detached as NAME with VOLUME on /data; return its id.
@@ -145,14 +160,8 @@ def run_container(name: str, env: dict[str, str], volume: str, *args: str,
     ``args`` replace the image's CMD (default ``run``). Any old container of the
     same name is removed first.
     """
-    for key, value in env.items():
-        if "\n" in str(value) or "=" in key:
-            raise ValueError(f"env {key!r}: env files take one KEY=VALUE per line")
     podman("rm", "-f", "--ignore", name, check=False)
-    env_file = _secret_dir() / f"{name}.env"
-    fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.writelines(f"{k}={v}\n" for k, v in env.items())
+    env_file = write_env_file(name, env)
     if not volume.startswith(("/", ".")):
         _volumes.add(volume)
     proc = podman("run", "-d", *run_args(), "--name", name,
