@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-REFERENCE = Path(__file__).resolve().parent.parent.parent / "shared" / "reference"
-SAMPLE_PATH = REFERENCE / "amplitude-export-sample.jsonl"
+# A copy of shared/reference/amplitude-export-sample.jsonl: real exported records, ids redacted.
+SAMPLE_PATH = Path(__file__).resolve().parent / "data" / "amplitude-export-sample.jsonl"
 
 
 def sample_records() -> list[dict]:
