@@ -33,7 +33,7 @@ from .health import Health, serve
 from .metrics import Metrics
 from .sink import PostHogSink, PrintSink, RateLimiter
 from .store import SQLiteStore, open_store
-from .sync import HOUR, Syncer, Translator, floor_hour
+from .sync import HOUR, Syncer, Translator, due_limit, floor_hour
 
 log = logging.getLogger("connector")
 
@@ -259,13 +259,8 @@ def cmd_run(app: App, args: argparse.Namespace) -> int:
 def status_report(config: Config, store, now: datetime) -> dict:
     """What `status` prints: cursor, due hours, lag, totals, rejections, last error."""
     cursor = store.cursor()
-    limit = floor_hour(now - config.export_delay)
-    if config.end_hour is not None:
-        limit = min(limit, config.end_hour)
-    if cursor is None:
-        cursor_or_start = config.start_hour
-    else:
-        cursor_or_start = cursor
+    limit = due_limit(config, now)
+    cursor_or_start = cursor if cursor is not None else config.start_hour
     totals = store.totals()
     backlog = max(0, int((limit - cursor_or_start) / HOUR)) if cursor_or_start else None
     finished = config.end_hour is not None and cursor_or_start is not None and cursor_or_start >= config.end_hour

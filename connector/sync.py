@@ -55,6 +55,15 @@ def floor_hour(moment: datetime) -> datetime:
     return moment.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
 
 
+def due_limit(config: Config, now: datetime) -> datetime:
+    """The first hour that is not due at `now`: hour H is due once H + 1h + delay <= now,
+    and only before END_DATE."""
+    limit = floor_hour(now - config.export_delay)
+    if config.end_hour is not None:
+        limit = min(limit, config.end_hour)
+    return limit
+
+
 @dataclass
 class HourReport:
     hour: datetime
@@ -208,11 +217,7 @@ class Syncer:
     # -- the plan -------------------------------------------------------------
 
     def due_limit(self, now: datetime) -> datetime:
-        """The first hour that is not due yet at `now` (or endDate, if earlier)."""
-        limit = floor_hour(now - self._config.export_delay)
-        if self._config.end_hour is not None:
-            limit = min(limit, self._config.end_hour)
-        return limit
+        return due_limit(self._config, now)
 
     def cursor(self) -> datetime:
         """The stored cursor; on the very first run, startDate or the newest ready hour."""
