@@ -336,7 +336,8 @@ def cmd_check(config: Config, args: argparse.Namespace, out) -> int:
             json={"api_key": config.posthog_project_api_key.reveal(), "batch": []},
             timeout=30,
         )
-        ok = response.status_code == 200
+        # An empty batch may be refused as such (400); only the key or the URL being wrong matter here.
+        ok = response.status_code < 500 and response.status_code not in (401, 403, 404)
         results["posthog"] = {"ok": ok, "status": response.status_code, "url": config.posthog_host + "/batch/"}
         if response.status_code in (401, 403):
             results["posthog"]["hint"] = "check POSTHOG_PROJECT_API_KEY"
@@ -422,7 +423,7 @@ def main(argv: Sequence[str] | None = None, env: dict | None = None, out=None) -
         finally:
             restore()
     except Interrupted as exc:
-        log.info("stopped; the unfinished hour will be redone on the next start", extra={"reason": str(exc)})
+        log.info("stopped; an unfinished hour is redone from its start on the next run", extra={"reason": str(exc)})
         return EXIT_OK if args.command == "run" else EXIT_FAILED
     except ConfigError as exc:
         log.error("configuration error", extra={"error": str(exc)})

@@ -74,7 +74,7 @@ def test_sigterm_during_a_long_hour_stops_within_seconds_and_keeps_the_cursor(am
     assert code == 0, err
     assert elapsed < 5, f"took {elapsed:.1f}s to stop"
     assert status(env)["cursor"] == START.isoformat(), "the unfinished hour is not committed"
-    assert "redone on the next start" in err
+    assert "redone from its start" in err
     for secret in SECRETS:
         assert secret not in out + err
 

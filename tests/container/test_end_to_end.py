@@ -278,7 +278,7 @@ def test_podman_stop_exits_cleanly_within_the_grace_period(first, stopped):
     assert seconds < STOP_GRACE / 2, f"stop took {seconds:.1f}s of the {STOP_GRACE}s grace"
     log = logs(first.cid)
     assert "endDate reached" in log
-    assert "stopped; the unfinished hour will be redone" in log
+    assert "stopped; an unfinished hour is redone from its start" in log
     for secret in SECRETS:
         assert secret not in log
     print(f"podman stop: exit {code} in {seconds:.2f}s")
@@ -340,7 +340,7 @@ def test_sigterm_mid_hour_exits_cleanly_and_keeps_the_cursor(image):
     assert arrived & first_hour, "events of the first hour arrived before the stop"
     assert len(arrived & first_hour) < len(first_hour), \
         "the whole first hour arrived before the stop: the test did not stop mid-hour"
-    assert "stopped; the unfinished hour will be redone on the next start" in log
+    assert "stopped; an unfinished hour is redone from its start" in log
     assert "hour delivered" not in log, "no hour was committed"
     # `docker run --rm -v VOL:/data --env-file .env IMAGE status`
     env_file = write_env_file(f"{volume}-status", env)
