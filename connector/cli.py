@@ -224,7 +224,9 @@ def cmd_run(app: App, args: argparse.Namespace) -> int:
             app.syncer.sync_due()
         except (ConfigError, Interrupted):
             raise
-        except ConnectorError as exc:
+        except Exception as exc:  # noqa: BLE001 - the loop must outlive a bug in one tick
+            if not isinstance(exc, ConnectorError):
+                log.exception("unexpected error in a sync tick")
             failures += 1
             delay = min(config.poll_interval * 2 ** (failures - 1), timedelta(hours=1))
             retry_at = utcnow() + delay

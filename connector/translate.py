@@ -486,6 +486,9 @@ def translate_block(block: bytes, ctx: TranslateContext) -> BlockResult:
             # orjson refuses what it cannot represent (lone surrogates, >64-bit ints...).
             result.rejections.append(Rejection("unserializable", str(exc)[:200], line))
             continue
+        except Exception as exc:  # a record shape nobody foresaw must not stop the hour
+            result.rejections.append(Rejection("translation_error", f"{type(exc).__name__}: {exc}"[:300], line))
+            continue
         result.events.append(data)
         result.lines.append(index)
         if translation.merge:
