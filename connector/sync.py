@@ -452,7 +452,7 @@ class Syncer:
                 {
                     "event": "$groupidentify",
                     "distinct_id": f"${group_type}_{group_key}",
-                    "uuid": group_uuid(group_type, group_key, digest),
+                    "uuid": group_uuid(group_type, group_key, digest, latest[(group_type, group_key)].timestamp),
                     "timestamp": latest[(group_type, group_key)].timestamp,
                     "properties": {
                         "$group_type": group_type,

@@ -226,8 +226,10 @@ def merge_uuid(device_id: str, user_id: str) -> str:
     return str(uuidlib.uuid5(NAMESPACE, f"merge\x1f{device_id}\x1f{user_id}"))
 
 
-def group_uuid(group_type: str, group_key: str, properties_digest: str) -> str:
-    return str(uuidlib.uuid5(NAMESPACE, f"group\x1f{group_type}\x1f{group_key}\x1f{properties_digest}"))
+def group_uuid(group_type: str, group_key: str, properties_digest: str, timestamp: str) -> str:
+    """Deterministic for a redo; the timestamp keeps A -> B -> A changes three distinct events
+    (the same uuid twice in a day would be deduplicated by PostHog)."""
+    return str(uuidlib.uuid5(NAMESPACE, f"group\x1f{group_type}\x1f{group_key}\x1f{properties_digest}\x1f{timestamp}"))
 
 
 def properties_digest(properties: dict) -> str:

@@ -271,3 +271,25 @@ def test_status_reports_backlog_lag_and_next_due(amp, ph, tmp_path):
     assert state["backlog_hours"] > 1000  # from mid-2025 up to now
     assert state["lag_seconds"] > 0 and state["next_due_at"] is not None
     assert state["totals"]["events_sent"] == len(delivered(ph))
+
+
+def test_group_properties_reach_the_group_each_time_they_change(amp, ph, tmp_path):
+    from .conftest import sample_records
+
+    base = sample_records()[2]
+    tiers = ["gold", "silver", "gold"]  # back to an earlier state: still a change
+    for i, tier in enumerate(tiers):
+        hour = START + i * HOUR
+        rec = {**base, "uuid": f"5e1f0000-0000-4000-8000-00000000000{i}", "groups": {"company": ["acme"]},
+               "group_properties": {"company": {"acme": {"tier": tier}}},
+               "event_time": hour.strftime("%Y-%m-%d %H:05:00.000000"),
+               "server_received_time": hour.strftime("%Y-%m-%d %H:06:00.000000"),
+               "server_upload_time": hour.strftime("%Y-%m-%d %H:06:00.000000")}
+        amp.add_records(hour, [rec, {**rec, "uuid": f"5e1f0000-0000-4000-8000-00000000001{i}"}])
+    env = connector_env(amp, ph, tmp_path)
+    assert run(["sync"], env)[0] == 0
+    updates = [e for e in ph.events if e.event == "$groupidentify"]
+    assert [e.properties["$group_set"] for e in updates] == [{"tier": t} for t in tiers], "one update per change"
+    assert len({e.uuid for e in updates}) == 3
+    assert all(e.distinct_id == "$company_acme" and e.properties["$group_key"] == "acme" for e in updates)
+    assert all(e.properties["$groups"] == {"company": "acme"} for e in delivered(ph))
