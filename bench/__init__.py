@@ -1,0 +1,1 @@
+"""Benchmark of the connector: `python -m bench` (see bench/README.md)."""
