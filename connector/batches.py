@@ -20,11 +20,24 @@ MAX_BATCH_EVENTS = 2000
 
 @dataclass(frozen=True)
 class Batch:
-    """Serialized events and, when already built, their gzip-compressed request body."""
+    """`count` serialized events: the events themselves, their gzip request body, or both.
+
+    A worker process ships only the body (the events would triple what crosses
+    the process boundary); the sender asks for the events again only in the rare
+    case that PostHog refuses the batch and it has to be split.
+    """
 
     events: tuple[bytes, ...]
     historical: bool
     body: bytes | None = None
+    count: int = -1
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            object.__setattr__(self, "count", len(self.events))
+
+    def without_events(self) -> "Batch":
+        return Batch((), self.historical, self.body, self.count)
 
 
 def encode_batch(api_key: str, events: Sequence[bytes], historical: bool) -> bytes:

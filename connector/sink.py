@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import requests
 from posthog.request import EVENTS_ENDPOINT, USER_AGENT
@@ -59,9 +59,13 @@ class Refused:
     detail: str
 
 
+Events = Callable[[], Sequence[bytes]]
+
+
 class Sink(Protocol):
-    def send(self, batch: Batch) -> list["Refused"]:
-        """Deliver the batch; return the events refused for good."""
+    def send(self, batch: Batch, events: Events | None = None) -> list["Refused"]:
+        """Deliver the batch; return the events refused for good. `events()` gives the
+        batch's events when the batch carries only its body and must be split."""
 
 
 class PostHogSink:
@@ -97,23 +101,26 @@ class PostHogSink:
             "User-Agent": f"{USER_AGENT} amplitude-posthog-connector",
         }
 
-    def send(self, batch: Batch) -> list[Refused]:
+    def send(self, batch: Batch, events: Events | None = None) -> list[Refused]:
         """Deliver `batch`; return the events PostHog refused for good (usually none)."""
-        self._limiter.acquire(len(batch.events))
-        return self._send(batch, 0)
+        self._limiter.acquire(batch.count)
+        return self._send(batch, 0, events)
 
-    def _send(self, batch: Batch, offset: int) -> list[Refused]:
+    def _send(self, batch: Batch, offset: int, events: Events | None = None) -> list[Refused]:
         body = batch.body if batch.body is not None else encode_batch(self._api_key.reveal(), batch.events, batch.historical)
-        status, text = self._post(body, len(batch.events))
+        status, text = self._post(body, batch.count)
         if status == 200:
             return []
         if status in (400, 413):
             reason = "posthog_rejected" if status == 400 else "too_large"
-            if len(batch.events) == 1:
+            if batch.count == 1:
                 return [Refused(offset, reason, f"PostHog answered {status}: {text[:300]}")]
-            half = len(batch.events) // 2
-            first = Batch(batch.events[:half], batch.historical)
-            second = Batch(batch.events[half:], batch.historical)
+            whole = batch.events or (tuple(events()) if events else ())
+            if len(whole) != batch.count:
+                raise AssertionError("a refused batch must come with its events to be split")
+            half = batch.count // 2
+            first = Batch(whole[:half], batch.historical)
+            second = Batch(whole[half:], batch.historical)
             return self._send(first, offset) + self._send(second, offset + half)
         raise AssertionError(status)  # _post raises for every other status
 
@@ -157,7 +164,7 @@ class PrintSink:
     def __init__(self, out):
         self._out = out
 
-    def send(self, batch: Batch) -> list[Refused]:
-        for event in batch.events:
+    def send(self, batch: Batch, events: Events | None = None) -> list[Refused]:
+        for event in batch.events or (events() if events else ()):
             self._out.write(event.decode("utf-8") + "\n")
         return []

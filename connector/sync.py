@@ -80,12 +80,20 @@ class Translated:
 
 
 def translate_and_encode(
-    block: bytes, ctx: TranslateContext, api_key: str, historical: bool, batch_size: int = MAX_BATCH_EVENTS
+    block: bytes, ctx: TranslateContext, api_key: str, historical: bool, batch_size: int = MAX_BATCH_EVENTS,
+    keep_events: bool = True,
 ) -> Translated:
-    """Worker entry point: translate a block and build its compressed request bodies."""
+    """Worker entry point: translate a block and build its compressed request bodies.
+
+    Without `keep_events` only the bodies are returned: what crosses the process
+    boundary shrinks about five-fold, and a refused batch's events are rebuilt
+    from the block (the translation is pure, so they come out identical).
+    """
     result = translate_block(block, ctx)
     batches = make_batches(api_key, result.events, historical, max_events=batch_size)
-    result.events = []  # they travel inside the batches
+    if not keep_events:
+        batches = [batch.without_events() for batch in batches]
+        result.events, result.lines = [], []
     return Translated(result, batches)
 
 
@@ -128,7 +136,9 @@ class Translator:
                 if isinstance(item, OversizedLine):
                     inflight.append((item, None))
                 else:
-                    inflight.append((item, self._pool.submit(translate_and_encode, item, ctx, self._api_key, historical, self._batch_size)))
+                    inflight.append((item, self._pool.submit(
+                        translate_and_encode, item, ctx, self._api_key, historical, self._batch_size, False
+                    )))
                 while len(inflight) > 2 * self._workers:
                     block, future = inflight.popleft()
                     yield block, future.result() if future else None
@@ -359,20 +369,28 @@ class Syncer:
                     counts["groups_sent"] += len(new_digests)
                     self._metrics.merges_sent.inc(len(new_links))
                 offset = 0
-                lines: list[bytes] | None = None
+                again: BlockResult | None = None
+
+                def rebuilt() -> BlockResult:
+                    nonlocal again
+                    if again is None:
+                        again = translate_block(block, ctx) if not result.lines else result
+                    return again
+
                 for batch in translated.batches:
-                    refused = self._sink.send(batch)
+                    first = offset
+                    refused = self._sink.send(batch, lambda: rebuilt().events[first : first + batch.count])
                     if refused:
-                        lines = lines if lines is not None else block.split(b"\n")
+                        lines = block.split(b"\n")
                         self._reject(
                             txn,
                             hour,
-                            [StoredRejection(hour, r.reason, r.detail, lines[result.lines[offset + r.index]]) for r in refused],
+                            [StoredRejection(hour, r.reason, r.detail, lines[rebuilt().lines[first + r.index]]) for r in refused],
                             counts,
                         )
-                    counts["events_sent"] += len(batch.events) - len(refused)
-                    self._metrics.events_sent.inc(len(batch.events) - len(refused))
-                    offset += len(batch.events)
+                    counts["events_sent"] += batch.count - len(refused)
+                    self._metrics.events_sent.inc(batch.count - len(refused))
+                    offset += batch.count
                     self._on_progress()
                 self._metrics.events_read.inc(result.read)
                 self._metrics.events_ignored.inc(result.ignored)
@@ -395,23 +413,19 @@ class Syncer:
     ) -> tuple[list[bytes], list[tuple[str, str]]]:
         """Merge events for device/user pairs never merged before, and those pairs.
 
-        A device already merged into another user is not merged again: it is counted.
+        `merges` holds each pair of a block once, in order of first appearance,
+        with its earliest timestamp. A device already merged into another user
+        is not merged again: it is counted.
         """
         if not merges:
             return [], []
         first: dict[str, Merge] = {}
-        earliest: dict[tuple[str, str], str] = {}
         for merge in merges:
             first.setdefault(merge.device_id, merge)
-            pair = (merge.device_id, merge.user_id)
-            # ISO strings compare as instants once the "Z" is off ("…:05" < "…:05.1").
-            if pair not in earliest or merge.timestamp[:-1] < earliest[pair][:-1]:
-                earliest[pair] = merge.timestamp
-        pairs = earliest.keys()
         known = txn.linked_users(first)
         new = [m for device, m in first.items() if device not in known]
         linked = {**known, **{m.device_id: m.user_id for m in new}}
-        conflicts = sum(1 for device, user in pairs if linked[device] != user)
+        conflicts = sum(1 for m in merges if linked[m.device_id] != m.user_id)
         counts["merge_conflicts"] += conflicts
         self._metrics.merge_conflicts.inc(conflicts)
         events = [
@@ -421,7 +435,7 @@ class Syncer:
                     "distinct_id": m.user_id,
                     "uuid": merge_uuid(m.device_id, m.user_id),
                     # No later than the earliest event of this block that showed the pair.
-                    "timestamp": earliest[(m.device_id, m.user_id)],
+                    "timestamp": m.timestamp,
                     "properties": {
                         "alias": m.device_id,
                         "distinct_id": m.user_id,
@@ -441,9 +455,7 @@ class Syncer:
         """`$groupidentify` events for groups whose properties changed since last sent."""
         if not updates:
             return [], {}
-        latest: dict[tuple[str, str], GroupUpdate] = {}
-        for update in updates:
-            latest[(update.group_type, update.group_key)] = update
+        latest = {(u.group_type, u.group_key): u for u in updates}
         known = txn.group_digests(latest)
         digests = {key: properties_digest(u.properties) for key, u in latest.items()}
         changed = {key: digest for key, digest in digests.items() if known.get(key) != digest}

@@ -139,8 +139,10 @@ class Rejection:
 class BlockResult:
     """Translated events of one block of lines, in input order.
 
-    `events[i]` is the serialized event of input line `lines[i]`; `uuids` are
-    their uuids. Rejections carry their raw line.
+    `events[i]` is the serialized event of input line `lines[i]`. `merges` has
+    one entry per device/user pair, in order of first appearance, with the
+    earliest timestamp of the pair; `groups` the latest update per group.
+    Rejections carry their raw line.
     """
 
     events: list[bytes] = field(default_factory=list)
@@ -450,6 +452,8 @@ def translate_block(block: bytes, ctx: TranslateContext) -> BlockResult:
     Pure and picklable in and out, so it can run in a worker process.
     """
     result = BlockResult()
+    merges: dict[tuple[str, str], Merge] = {}
+    groups: dict[tuple[str, str], GroupUpdate] = {}
     loads, dumps = orjson.loads, orjson.dumps
     for index, line in enumerate(block.split(b"\n")):
         if not line.strip():
@@ -493,8 +497,15 @@ def translate_block(block: bytes, ctx: TranslateContext) -> BlockResult:
             continue
         result.events.append(data)
         result.lines.append(index)
-        if translation.merge:
-            result.merges.append(translation.merge)
-        if translation.groups:
-            result.groups.extend(translation.groups)
+        merge = translation.merge
+        if merge:
+            pair = (merge.device_id, merge.user_id)
+            seen = merges.get(pair)
+            # ISO strings compare as instants once the "Z" is off ("...:05" < "...:05.1").
+            if seen is None or merge.timestamp[:-1] < seen.timestamp[:-1]:
+                merges[pair] = merge
+        for update in translation.groups:
+            groups[(update.group_type, update.group_key)] = update
+    result.merges = list(merges.values())
+    result.groups = list(groups.values())
     return result

@@ -239,11 +239,13 @@ def test_wrong_project_key_is_fatal(ph):
     assert not ph.events
 
 
-def test_an_event_posthog_refuses_is_rejected_with_its_raw_record_and_the_hour_delivered(amp, ph, tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"], ids=["inline", "worker processes rebuild the refused batch"])
+def test_an_event_posthog_refuses_is_rejected_with_its_raw_record_and_the_hour_delivered(amp, ph, tmp_path, workers):
     records = populate(amp, hours=1, members=2)
-    victim = next(r for r in records if r["event_type"] not in ("session_start", "session_end"))
+    victim = [r for r in records if r["event_type"] not in ("session_start", "session_end")][77]
     ph.refuse_uuids = {victim["uuid"]}
-    env = connector_env(amp, ph, tmp_path, END_DATE=(START + HOUR).strftime("%Y-%m-%dT%H"), BATCH_SIZE="50")
+    env = connector_env(amp, ph, tmp_path, END_DATE=(START + HOUR).strftime("%Y-%m-%dT%H"), BATCH_SIZE="50",
+                        WORKERS=workers)
     assert run(["sync"], env)[0] == 0
     state = status(env)
     assert state["cursor"] == (START + HOUR).isoformat()
