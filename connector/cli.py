@@ -26,6 +26,7 @@ import requests
 import schedule
 from pythonjsonlogger.json import JsonFormatter
 
+from . import allocator
 from .config import Config, load_config, parse_hour
 from .errors import ConfigError, ConnectorError, Interrupted, RetryLater
 from .export import Backoff, ExportClient, hour_param
@@ -406,6 +407,7 @@ def main(argv: Sequence[str] | None = None, env: dict | None = None, out=None) -
         sys.stderr.write("configuration error:\n" + "".join(f"  - {p}\n" for p in exc.problems))
         return EXIT_CONFIG
     configure_logging(config.log_level, config.secret_values())
+    allocator.tune()
     os.umask(0o077)  # state, temp exports: owner-only
     try:
         if args.command == "status":

@@ -11,27 +11,26 @@ whole hour is redone later with the same uuids, which PostHog deduplicates.
 
 from __future__ import annotations
 
-import gc
 import logging
-import signal
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from multiprocessing import get_context
 from typing import Callable, Iterable, Iterator
 
 import orjson
 
-from .batches import MAX_BATCH_EVENTS, Batch, make_batches
+from .batches import MAX_BATCH_EVENTS, make_batches
 from .config import Config
 from .errors import ConnectorError, HourTooLarge, Interrupted, OperatorActionNeeded
 from .export import Archive, ExportClient, OversizedLine, RangeTooLarge, hour_param
 from .metrics import Metrics
 from .sink import Sink
 from .store import HourStats, HourTransaction, StateStore, StoredRejection
+from .worker import Translated, init_worker, translate_and_encode
 from .translate import (
     BlockResult,
     GroupUpdate,
@@ -71,40 +70,6 @@ class HourReport:
     seconds: float
 
 
-@dataclass
-class Translated:
-    """A worker's output for one block: the result and its ready-to-send batches."""
-
-    result: BlockResult
-    batches: list[Batch] = field(default_factory=list)
-
-
-def translate_and_encode(
-    block: bytes, ctx: TranslateContext, api_key: str, historical: bool, batch_size: int = MAX_BATCH_EVENTS,
-    keep_events: bool = True,
-) -> Translated:
-    """Worker entry point: translate a block and build its compressed request bodies.
-
-    Without `keep_events` only the bodies are returned: what crosses the process
-    boundary shrinks about five-fold, and a refused batch's events are rebuilt
-    from the block (the translation is pure, so they come out identical).
-    """
-    result = translate_block(block, ctx)
-    batches = make_batches(api_key, result.events, historical, max_events=batch_size)
-    if not keep_events:
-        batches = [batch.without_events() for batch in batches]
-        result.events, result.lines = [], []
-    return Translated(result, batches)
-
-
-def _init_worker() -> None:
-    # The parent decides when to stop; workers must not die mid-block on Ctrl-C.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # Translation creates no reference cycles; the collector would only cost time.
-    gc.disable()
-
-
 class Translator:
     """Maps blocks to `Translated`, in order, inline or on a pool of processes."""
 
@@ -113,7 +78,7 @@ class Translator:
         self._batch_size = batch_size
         self._workers = workers
         self._pool = (
-            ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker)
+            ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=init_worker)
             if workers > 1
             else None
         )

@@ -21,6 +21,7 @@ import re
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 import orjson
 
@@ -67,6 +68,7 @@ _PAGE_PROPERTIES = (
     ("referring_domain", "$referring_domain"),
     ("[Amplitude] Element Text", "$el_text"),
 )
+_FIRST_TOUCH = ("initial_", "[Amplitude] Initial")
 _MOBILE_OS = {"ios": "iOS", "ipados": "iPadOS", "android": "Android", "tvos": "tvOS", "watchos": "watchOS"}
 _WEB_LIBRARIES = ("amplitude-js", "@amplitude/analytics-browser", "amplitude-ts", "@amplitude/marketing-analytics-browser")
 _RECORD_FIELDS = (
@@ -102,17 +104,19 @@ class TranslateContext:
         object.__setattr__(self, "latest_valid", latest)
 
 
-@dataclass(frozen=True)
-class Merge:
+# The per-event values are NamedTuples rather than frozen dataclasses: just as
+# immutable, and four times cheaper to create, which counts a million times an hour.
+
+
+class Merge(NamedTuple):
     """A device seen together with a user: the device's person should join the user's."""
 
     device_id: str
     user_id: str
-    timestamp: str  # of the first event that showed the pair
+    timestamp: str  # of the earliest event that showed the pair
 
 
-@dataclass(frozen=True)
-class GroupUpdate:
+class GroupUpdate(NamedTuple):
     """A group's properties as one event saw them."""
 
     group_type: str
@@ -121,8 +125,7 @@ class GroupUpdate:
     timestamp: str
 
 
-@dataclass(frozen=True)
-class Translation:
+class Translation(NamedTuple):
     event: dict
     merge: Merge | None = None
     groups: tuple[GroupUpdate, ...] = ()
@@ -185,6 +188,16 @@ def normalize_timestamp(value: object, latest: str) -> str | None:
     """
     if not isinstance(value, str):
         return None
+    if len(value) == 26 and value[10] == " " and value[19] == ".":
+        # Amplitude's usual shape, "2025-07-01 17:18:45.118000": fromisoformat
+        # checks every field, slicing does the rest.
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        if value[:19] > latest:
+            return None
+        return f"{value[:10]}T{value[11:]}Z"
     match = _TIMESTAMP.fullmatch(value)
     if not match:
         return None
@@ -198,7 +211,7 @@ def normalize_timestamp(value: object, latest: str) -> str | None:
     return f"{day}T{clock}{fraction or ''}Z"
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=65536)  # a busy hour has tens of thousands of sessions
 def session_uuid(session_id: int, owner: str) -> str:
     """A UUIDv7 whose time is the session start, unique per device (owner) and session.
 
@@ -211,7 +224,8 @@ def session_uuid(session_id: int, owner: str) -> str:
     value |= ((rand >> 68) & 0xFFF) << 64
     value |= 0b10 << 62
     value |= rand & 0x3FFF_FFFF_FFFF_FFFF
-    return str(uuidlib.UUID(int=value))
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def derived_uuid(record: dict) -> str:
@@ -297,7 +311,7 @@ def _person_properties(record: dict) -> tuple[dict, dict]:
         for key, value in user.items():
             if value == "EMPTY":
                 continue
-            if key.startswith("initial_") or key.startswith("[Amplitude] Initial"):
+            if key.startswith(_FIRST_TOUCH):
                 to_set_once[key] = value
             else:
                 to_set[key] = value
@@ -332,8 +346,13 @@ def _device_properties(record: dict, props: dict) -> None:
         if os_version is not None:
             props["$os_version"] = os_version
         if platform is not None or os_name is not None:
-            hint = " ".join(str(record.get(k) or "") for k in ("device_model", "device_type", "device_family")).lower()
-            props["$device_type"] = "Tablet" if ("ipad" in hint or "tablet" in hint) else "Mobile"
+            tablet = False
+            for key in ("device_model", "device_type", "device_family"):
+                value = record.get(key)
+                if type(value) is str and ("ipad" in (low := value.lower()) or "tablet" in low):
+                    tablet = True
+                    break
+            props["$device_type"] = "Tablet" if tablet else "Mobile"
     manufacturer = record.get("device_manufacturer") or record.get("device_brand")
     if manufacturer is not None:
         props["$device_manufacturer"] = manufacturer
@@ -456,13 +475,13 @@ def translate_block(block: bytes, ctx: TranslateContext) -> BlockResult:
     groups: dict[tuple[str, str], GroupUpdate] = {}
     loads, dumps = orjson.loads, orjson.dumps
     for index, line in enumerate(block.split(b"\n")):
-        if not line.strip():
+        if not line or line.isspace():
             continue
         result.read += 1
         try:
             if len(line) > MAX_LINE_BYTES:
                 raise RecordRejected("too_large", f"the line is {len(line)} bytes, over {MAX_LINE_BYTES}")
-            if b"\\u0000" in line:
+            if b"\\" in line and b"\\u0000" in line:  # one memchr first: most lines have no escapes
                 raise RecordRejected("nul_character", "PostHog cannot store the NUL character (\\u0000)")
             try:
                 record = loads(line)
