@@ -15,3 +15,23 @@ def sample_records() -> list[dict]:
 @pytest.fixture
 def samples() -> list[dict]:
     return sample_records()
+
+
+@pytest.fixture
+def amp():
+    """A fake Amplitude Export API on 127.0.0.1 with the harness's keys."""
+    from .fakes.amplitude import FakeAmplitude
+    from .harness import AMP_KEY, AMP_SECRET
+
+    with FakeAmplitude(AMP_KEY, AMP_SECRET) as server:
+        yield server
+
+
+@pytest.fixture
+def ph():
+    """A fake PostHog capture endpoint on 127.0.0.1 with the harness's project key."""
+    from .fakes.posthog import FakePostHog
+    from .harness import PH_KEY
+
+    with FakePostHog(PH_KEY) as server:
+        yield server

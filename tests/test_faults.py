@@ -53,18 +53,6 @@ def read_all(archive) -> list[bytes]:
     return lines
 
 
-@pytest.fixture
-def amp():
-    with FakeAmplitude(AMP_KEY, AMP_SECRET) as server:
-        yield server
-
-
-@pytest.fixture
-def ph():
-    with FakePostHog(PH_KEY) as server:
-        yield server
-
-
 # -- Amplitude side -----------------------------------------------------------
 
 TRANSIENT_EXPORT_FAULTS = [

@@ -20,18 +20,6 @@ IGNORED = {"session_start", "session_end"}
 SECRETS = (AMP_KEY, AMP_SECRET, PH_KEY)
 
 
-@pytest.fixture
-def amp():
-    with FakeAmplitude(AMP_KEY, AMP_SECRET) as server:
-        yield server
-
-
-@pytest.fixture
-def ph():
-    with FakePostHog(PH_KEY) as server:
-        yield server
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,18 +18,6 @@ from .harness import AMP_KEY, AMP_SECRET, HOUR, PH_KEY, START, connector_env, po
 IGNORED = {"session_start", "session_end"}
 
 
-@pytest.fixture
-def amp():
-    with FakeAmplitude(AMP_KEY, AMP_SECRET) as server:
-        yield server
-
-
-@pytest.fixture
-def ph():
-    with FakePostHog(PH_KEY) as server:
-        yield server
-
-
 def expected_events(records: list[dict]) -> dict[str, dict]:
     """uuid -> the event the connector must deliver for each importable record."""
     out = {}
