@@ -20,13 +20,20 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 TRIM_THRESHOLD = 64 * 1024**2
 MMAP_THRESHOLD = 32 * 1024**2  # glibc's upper bound for this setting on 64-bit
+MAIN_MMAP_THRESHOLD = 1024**2
 
 
-def tune() -> bool:
-    """Apply the settings; False (and nothing changed) where the C library is not glibc."""
+def tune(mmap_threshold: int = MMAP_THRESHOLD) -> bool:
+    """Apply the settings; False (and nothing changed) where the C library is not glibc.
+
+    The main process passes a small `mmap_threshold`: its big buffers (blocks of
+    records, archive reads) then come from mmap and go back to the kernel when
+    freed, so its memory does not creep up over a long hour; the workers, which
+    do most of the small allocations, keep the large threshold.
+    """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    return bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold))

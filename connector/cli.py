@@ -407,7 +407,7 @@ def main(argv: Sequence[str] | None = None, env: dict | None = None, out=None) -
         sys.stderr.write("configuration error:\n" + "".join(f"  - {p}\n" for p in exc.problems))
         return EXIT_CONFIG
     configure_logging(config.log_level, config.secret_values())
-    allocator.tune()
+    allocator.tune(allocator.MAIN_MMAP_THRESHOLD)
     os.umask(0o077)  # state, temp exports: owner-only
     try:
         if args.command == "status":
