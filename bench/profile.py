@@ -26,9 +26,7 @@ process role). Needs ``pip install py-spy``.
 
 from __future__ import annotations
 
-import argparse
 import inspect
-import json
 import os
 import shutil
 import subprocess

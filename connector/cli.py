@@ -29,7 +29,7 @@ from pythonjsonlogger.json import JsonFormatter
 from . import allocator
 from .config import Config, load_config, parse_hour
 from .errors import ConfigError, ConnectorError, Interrupted, RetryLater
-from .export import Backoff, ExportClient, hour_param
+from .export import ExportClient, hour_param
 from .health import Health, serve
 from .metrics import Metrics
 from .sink import PostHogSink, PrintSink, RateLimiter
@@ -209,7 +209,7 @@ def cmd_run(app: App, args: argparse.Namespace) -> int:
     """Sync now, then every poll interval; failures back off and the loop goes on."""
     config = app.config
     if config.health_port:
-        server = serve(config.health_port, app.health, app.metrics)
+        serve(config.health_port, app.health, app.metrics)
         log.info("health endpoint listening", extra={"port": config.health_port, "paths": ["/healthz", "/metrics"]})
     failures = 0
     retry_at: datetime | None = None

@@ -7,7 +7,6 @@ import random
 import ssl
 import subprocess
 import threading
-from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import orjson

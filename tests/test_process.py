@@ -8,9 +8,8 @@ import signal
 import socket
 import time
 import urllib.request
-from collections import Counter, defaultdict
+from collections import Counter
 
-import pytest
 
 from .fakes.amplitude import FakeAmplitude
 from .fakes.posthog import FakePostHog

@@ -7,7 +7,6 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 import orjson
-import pytest
 
 from connector.translate import TranslateContext, translate_record
 
