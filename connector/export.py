@@ -286,7 +286,7 @@ class ExportClient:
                     f"and AMPLITUDE_SECRET_KEY, and AMPLITUDE_REGION (now {self._region}; EU-resident projects need EU)"
                 )
             if status != 200:
-                retry_after = _retry_after(response.headers.get("Retry-After"))
+                retry_after = retry_after_seconds(response.headers.get("Retry-After"))
                 cause = "rate_limited" if status == 429 else "timeout" if status == 504 else "server_error"
                 raise ExportUnavailable(f"Amplitude answered {status} for {span}", retry_after, cause=cause)
             return self._save(response, start, end, span)
@@ -319,7 +319,8 @@ class ExportClient:
             raise
 
 
-def _retry_after(value: str | None) -> float | None:
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header (seconds or an HTTP date) as seconds from now; None if absent or unreadable."""
     if not value:
         return None
     try:

@@ -29,7 +29,7 @@ from posthog.request import EVENTS_ENDPOINT, USER_AGENT
 from .batches import Batch, encode_batch
 from .config import Secret
 from .errors import AuthError, ConfigError, Interrupted, PostHogUnavailable
-from .export import Backoff, _retry_after
+from .export import Backoff, retry_after_seconds
 
 class RateLimiter:
     """At most `rate` events per second on average (0 = unlimited)."""
@@ -152,7 +152,7 @@ class PostHogSink:
                 raise ConfigError(f"PostHog answered 404 for {EVENTS_ENDPOINT}: check that POSTHOG_HOST is PostHog's base URL")
             cause = "rate_limited" if status == 429 else "server_error"
             last = PostHogUnavailable(
-                f"PostHog answered {status}", _retry_after(response.headers.get("Retry-After")), cause=cause
+                f"PostHog answered {status}", retry_after_seconds(response.headers.get("Retry-After")), cause=cause
             )
         assert last is not None
         raise PostHogUnavailable(f"PostHog did not accept a batch after {self._backoff.attempts} attempts; last: {last}", cause=last.cause)

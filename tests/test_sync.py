@@ -232,11 +232,14 @@ def test_worker_processes_give_the_same_result(amp, ph, tmp_path):
     assert Counter(e.uuid for e in delivered(ph)) == Counter(expected_events(records).keys())
 
 
-def test_wrong_amplitude_keys_exit_2_naming_keys_and_region(amp, ph, tmp_path):
+def test_wrong_amplitude_keys_exit_2_naming_keys_and_region(amp, ph, tmp_path, capsys):
     populate(amp, hours=1)
     env = connector_env(amp, ph, tmp_path, AMPLITUDE_SECRET_KEY="wrong-secret-123")
     code, _ = run(["sync"], env)
     assert code == 2
+    err = capsys.readouterr().err
+    assert "AMPLITUDE_SECRET_KEY" in err and "AMPLITUDE_REGION" in err
+    assert "wrong-secret-123" not in err
     assert status(env)["cursor"] == START.isoformat()
 
 

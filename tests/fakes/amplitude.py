@@ -45,6 +45,7 @@ try:  # isal (a project dependency) gzips ~4x faster than zlib; same format
 except ImportError:  # pragma: no cover
     from gzip import GzipFile
 
+from .records import utc_hour
 from ._http import (Fault, FakeServer, FaultQueue, QuietHandler, RecordLog, compact_json,
                     interruptible_wait)
 
@@ -87,15 +88,6 @@ def format_hour(hour: datetime) -> str:
     return hour.astimezone(timezone.utc).strftime("%Y%m%dT%H")
 
 
-def _utc_hour(hour: datetime) -> datetime:
-    if hour.tzinfo is None or hour.utcoffset() is None:
-        raise ValueError(f"hour must be timezone-aware UTC: {hour!r}")
-    hour = hour.astimezone(timezone.utc)
-    if hour.minute or hour.second or hour.microsecond:
-        raise ValueError(f"hour must be on the hour: {hour!r}")
-    return hour
-
-
 def hours_between(start: datetime, end: datetime) -> list[datetime]:
     """Every hour from ``start`` to ``end``, both included."""
     n = int((end - start) / timedelta(hours=1))
@@ -115,7 +107,7 @@ class FakeAmplitude(FakeServer):
         super().__init__(port)
         self.api_key, self.secret_key, self.project_id = api_key, secret_key, project_id
         self.max_hours_per_request = max_hours_per_request
-        self.too_large_hours = {_utc_hour(h) for h in too_large_hours}
+        self.too_large_hours = {utc_hour(h) for h in too_large_hours}
         self.compresslevel = compresslevel  # 1: fast; the level does not change validity
         self._tmp = tempfile.TemporaryDirectory(prefix="fake-amplitude-")
         self._members: dict[datetime, list[_Member]] = {}
@@ -136,7 +128,7 @@ class FakeAmplitude(FakeServer):
         on after any earlier call for the same hour. An iterator is streamed
         when ``members == 1`` and materialised otherwise.
         """
-        hour = _utc_hour(hour)
+        hour = utc_hour(hour)
         if members < 1:
             raise ValueError("members must be >= 1")
         if members > 1:
@@ -169,7 +161,7 @@ class FakeAmplitude(FakeServer):
     def add_file(self, hour: datetime, name: str, data: bytes) -> None:
         """Add an arbitrary member ``<project>/<name>`` to ``hour``'s data
         (e.g. a non-``.json.gz`` file a client must ignore)."""
-        hour = _utc_hour(hour)
+        hour = utc_hour(hour)
         path = Path(tempfile.mkstemp(dir=self._tmp.name, suffix=".extra")[1])
         path.write_bytes(data)
         self._register(hour, _Member(f"{self.project_id}/{name}", path))
@@ -209,7 +201,7 @@ class FakeAmplitude(FakeServer):
 
     def _members_for(self, hours: Iterable[datetime]) -> list[_Member]:
         with self._lock:
-            found = [m for h in {_utc_hour(h) for h in hours} for m in self._members.get(h, ())]
+            found = [m for h in {utc_hour(h) for h in hours} for m in self._members.get(h, ())]
         # plain string order, as a directory listing would give: _10 before _2
         return sorted(found, key=lambda m: m.name)
 

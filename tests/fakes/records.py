@@ -201,7 +201,7 @@ def epoch_ms(dt: datetime) -> int:
     return int(dt.timestamp() * 1000)
 
 
-def _utc_hour(hour: datetime) -> datetime:
+def utc_hour(hour: datetime) -> datetime:
     if hour.tzinfo is not timezone.utc:
         if hour.tzinfo is None or hour.utcoffset() is None:
             raise ValueError(f"hour must be timezone-aware UTC: {hour!r}")
@@ -279,7 +279,7 @@ def make_record(rng: Random, *, hour: datetime, user_id: str | None, device_id: 
     (from ``device_profile``) pins per-device fields; ``overrides`` replace
     any of the 55 keys (unknown keys raise KeyError).
     """
-    hour = _utc_hour(hour)
+    hour = utc_hour(hour)
     prefix = hour.isoformat(" ")[:14]
     rnd = rng.random
     upload = int(rnd() * 3_600_000)  # ms into the hour
