@@ -15,7 +15,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-from connector.store import SQLiteStore
+from connector.sqlite_store import SQLiteStore
 
 HOUR = datetime(2024, 3, 1, tzinfo=timezone.utc)
 
@@ -36,7 +36,7 @@ def main() -> None:
                 t = time.perf_counter()
                 known = txn.linked_users(d for d, _ in chunk)
                 lookups += time.perf_counter() - t
-                txn.link([p for p in chunk if p[0] not in known])
+                txn.record_merges([p for p in chunk if p[0] not in known])
             # Looking them all up again once they exist: the steady state of a long sync.
             t = time.perf_counter()
             for i in range(0, len(pairs), args.block):

@@ -6,15 +6,15 @@ real ``python -m connector sync`` against the fakes under
 threads are not sampled, so a sample is CPU time), then attributes each sample
 to a category by the innermost connector frame of its stack:
 
-- decode: ``gunzip`` (the inflater call in ``export.Archive._member_lines``),
+- decode: ``gunzip`` (the inflater call in ``archive.Archive._member_lines``),
   ``lines`` (zip reads, cutting and joining lines into blocks, ``block.split``),
   ``json`` (``orjson.loads`` in ``translate_block``)
 - translate: ``translate.translate_record`` and helpers, and the rest of the
   per-line loop of ``translate_block``
 - serialize: ``orjson.dumps`` of the event in ``translate_block``
-- compress: ``batches`` (``encode_batch``: join + gzip, ``make_batches``)
+- compress: ``batches`` (``encode_body``: join + gzip, ``cut``)
 - send: ``sink`` (requests/urllib3/http.client below it)
-- store: ``store`` (SQLite) and the merge/group planning in ``sync`` that feeds it
+- store: ``store``/``sqlite_store`` and the merge/group planning in ``identities`` that feeds it
 - download: ``export`` client saving the archive (the prefetch thread)
 - ipc: pickling/queues of the worker pool (only with WORKERS > 1)
 - startup: imports; other: everything else (config, logging, the sync loop)
@@ -36,7 +36,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from connector import export as export_module
+from connector import archive as archive_module
 from connector import translate as translate_module
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,11 +69,11 @@ def _lines_matching(func, *needles: str) -> dict[str, set[int]]:
 class Classifier:
     def __init__(self) -> None:
         tb = _lines_matching(translate_module.translate_block, "loads(line)", "dumps(translation.event)",
-                             "block.split(")
+                             "block.lines.split(")
         self.loads_lines = tb["loads(line)"]
         self.dumps_lines = tb["dumps(translation.event)"]
-        self.split_lines = tb["block.split("]
-        ml = _lines_matching(export_module.Archive._member_lines, ".decompress(")
+        self.split_lines = tb["block.lines.split("]
+        ml = _lines_matching(archive_module.Archive._member_lines, ".decompress(")
         self.inflate_lines = ml[".decompress("]
         missing = [n for n, s in (("loads", self.loads_lines), ("dumps", self.dumps_lines),
                                   ("inflate", self.inflate_lines)) if not s]
@@ -110,20 +110,18 @@ class Classifier:
                     return "compress"
                 if name == "sink.py":
                     return "send"
-                if name == "store.py":
+                if name in ("store.py", "sqlite_store.py"):
                     return "store"
-                if name == "export.py":
+                if name == "identities.py":
+                    return "merge_planning"
+                if name == "archive.py":
                     if func.endswith("_member_lines"):
                         return "decode_gunzip" if line in self.inflate_lines else "decode_lines"
-                    if func.endswith("blocks"):
-                        return "decode_lines"
+                    return "decode_lines"
+                if name == "export.py":
                     return "download"
-                if name == "sync.py":
-                    if "_plan_merges" in func or "_plan_groups" in func:
-                        return "merge_planning"
-                    if func == "translate_and_encode":
-                        continue  # its callees decide; its own lines are negligible
-                    return "other"
+                if name == "worker.py" and func.endswith("translate_and_encode"):
+                    continue  # its callees decide; its own lines are negligible
                 return "other"
             if "importlib" in path:
                 return "startup"

@@ -1,13 +1,16 @@
-"""The /batch/ wire format: events cut into batches within PostHog's limits.
+"""The /batch/ wire format: events cut into requests within PostHog's limits.
 
-Pure functions, shared by the worker processes (which build request bodies in
-parallel) and the sink (which rebuilds bodies when it splits a batch).
+A `Batch` is one request: its gzip'd body, how many events it holds, and a
+way to get those events back when PostHog refuses the request and the sink
+must split it. Worker processes build bodies only (shipping the events too
+would triple what crosses the process boundary); the events are rebuilt from
+the block in the rare case they are needed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import orjson
 from isal import igzip
@@ -20,27 +23,15 @@ MAX_BATCH_EVENTS = 2000
 
 @dataclass(frozen=True)
 class Batch:
-    """`count` serialized events: the events themselves, their gzip request body, or both.
+    """One /batch/ request: `count` serialized events as a gzip `body`."""
 
-    A worker process ships only the body (the events would triple what crosses
-    the process boundary); the sender asks for the events again only in the rare
-    case that PostHog refuses the batch and it has to be split.
-    """
-
-    events: tuple[bytes, ...]
+    body: bytes
+    count: int
     historical: bool
-    body: bytes | None = None
-    count: int = -1
-
-    def __post_init__(self) -> None:
-        if self.count < 0:
-            object.__setattr__(self, "count", len(self.events))
-
-    def without_events(self) -> "Batch":
-        return Batch((), self.historical, self.body, self.count)
+    events: Callable[[], Sequence[bytes]]  # the `count` events, in order
 
 
-def encode_batch(api_key: str, events: Sequence[bytes], historical: bool) -> bytes:
+def encode_body(api_key: str, events: Sequence[bytes], historical: bool) -> bytes:
     """The gzip body of one /batch/ request.
 
     No `sent_at`: PostHog would shift every timestamp by this machine's clock
@@ -51,22 +42,22 @@ def encode_batch(api_key: str, events: Sequence[bytes], historical: bool) -> byt
     return igzip.compress(payload, compresslevel=1)
 
 
-def make_batches(
-    api_key: str, events: Sequence[bytes], historical: bool, *, encode: bool = True, max_events: int = MAX_BATCH_EVENTS
-) -> list[Batch]:
-    """Cut `events` into batches of at most `max_events` within PostHog's limits, keeping their order."""
-    batches: list[Batch] = []
+def make_batch(api_key: str, events: Sequence[bytes], historical: bool) -> Batch:
+    """A batch of events already in hand."""
+    events = tuple(events)
+    return Batch(encode_body(api_key, events, historical), len(events), historical, lambda: events)
+
+
+def cut(events: Sequence[bytes], max_events: int = MAX_BATCH_EVENTS, max_bytes: int = MAX_BATCH_BYTES) -> list[tuple[int, int]]:
+    """(start, stop) bounds cutting `events` into runs of at most `max_events` and about
+    `max_bytes`, in order. An event alone over `max_bytes` still gets a run of its own."""
+    bounds: list[tuple[int, int]] = []
     start, size = 0, 0
     for i, event in enumerate(events):
-        if i > start and (size + len(event) > MAX_BATCH_BYTES or i - start >= max_events):
-            batches.append(_batch(api_key, events[start:i], historical, encode))
+        if i > start and (size + len(event) > max_bytes or i - start >= max_events):
+            bounds.append((start, i))
             start, size = i, 0
         size += len(event) + 1
     if start < len(events):
-        batches.append(_batch(api_key, events[start:], historical, encode))
-    return batches
-
-
-def _batch(api_key: str, events: Sequence[bytes], historical: bool, encode: bool) -> Batch:
-    events = tuple(events)
-    return Batch(events, historical, encode_batch(api_key, events, historical) if encode else None)
+        bounds.append((start, len(events)))
+    return bounds

@@ -1,29 +1,43 @@
 """Configuration: `plugin.json` is the one schema, the environment holds the values.
 
-Every setting the connector reads is an entry of `plugin.json`'s `config` array.
-Its value comes from the environment variable named by the key in
-UPPER_SNAKE_CASE (`amplitudeApiKey` -> `AMPLITUDE_API_KEY`); an unset or empty
-variable takes the entry's default. `load_config` validates everything and
-raises one `ConfigError` listing every problem, each naming its variable.
-Secret values are wrapped in `Secret`, whose repr and str never show them.
+Every setting is an entry of `plugin.json`'s `config` array, in PostHog's
+plugin format (`key`, `name`, `type`, `default`, `hint`, `required`, `secret`,
+`choices`), plus what PostHog's format cannot say about a value: `format`
+(how to parse it) and `minimum`/`maximum`. Its value comes from the environment
+variable named by the key in UPPER_SNAKE_CASE (`amplitudeApiKey` ->
+`AMPLITUDE_API_KEY`); an unset or empty variable takes the entry's default.
+
+The schema drives everything: `load_config` parses each value by its format,
+wraps it in `Secret` when the entry says `secret`, and names the `Config`
+field after the key (`exportDelayHours` -> `export_delay`: a duration's unit
+is in its value, a `timedelta`). Every problem is collected and raised at once
+in one `ConfigError`, each naming its variable.
+
+Formats: `text` (the default), `url` (absolute http/https, no trailing slash),
+`hour` (a UTC hour, see `hours.parse_hour`), `duration` with a `unit`,
+`number`, `integer`, `list` (comma-separated), `store` (STATE_STORE_URL). An
+empty value without a default is `None` (off) for hours and numbers.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
 from importlib import resources
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
+from .errors import ConfigError, Problem
+from .hours import parse_hour
 
 REGION_HOSTS = {
     "US": "https://amplitude.com",
     "EU": "https://analytics.eu.amplitude.com",
 }
+_UNITS = {"hours": "Hours", "minutes": "Minutes", "seconds": "Seconds"}
 
 
 @dataclass(frozen=True)
@@ -38,10 +52,22 @@ class Setting:
     secret: bool
     hint: str
     choices: tuple[str, ...] = ()
+    format: str = "text"
+    unit: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
 
     @property
     def env(self) -> str:
         return env_name(self.key)
+
+    @property
+    def field(self) -> str:
+        """The `Config` attribute: snake_case of the key, without a duration's unit."""
+        key = self.key
+        if self.format == "duration" and key.endswith(_UNITS.get(self.unit, "\0")):
+            key = key[: -len(_UNITS[self.unit])]
+        return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", key).lower()
 
 
 class Secret:
@@ -66,6 +92,9 @@ class Secret:
     def __hash__(self) -> int:
         return hash(self._value)
 
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
 
 def env_name(key: str) -> str:
     """`amplitudeApiKey` -> `AMPLITUDE_API_KEY`."""
@@ -76,9 +105,8 @@ def load_schema(text: str | None = None) -> tuple[Setting, ...]:
     """The settings declared in plugin.json (the packaged copy unless `text` is given)."""
     if text is None:
         text = resources.files("connector").joinpath("plugin.json").read_text("utf-8")
-    doc = json.loads(text)
     settings = []
-    for entry in doc["config"]:
+    for entry in json.loads(text)["config"]:
         if "key" not in entry:
             continue  # markdown-only entries document, they configure nothing
         settings.append(
@@ -91,6 +119,10 @@ def load_schema(text: str | None = None) -> tuple[Setting, ...]:
                 secret=bool(entry.get("secret", False)),
                 hint=entry.get("hint", ""),
                 choices=tuple(entry.get("choices", ())),
+                format=entry.get("format", "text"),
+                unit=entry.get("unit", ""),
+                minimum=entry.get("minimum"),
+                maximum=entry.get("maximum"),
             )
         )
     return tuple(settings)
@@ -98,167 +130,124 @@ def load_schema(text: str | None = None) -> tuple[Setting, ...]:
 
 @dataclass(frozen=True)
 class Config:
-    """Validated settings. Hours are timezone-aware UTC datetimes on the hour."""
+    """Validated settings, one field per plugin.json entry (a test keeps them in step).
+
+    Hours are timezone-aware UTC datetimes on the hour; durations are timedeltas;
+    secrets are `Secret`s.
+    """
 
     amplitude_api_key: Secret
     amplitude_secret_key: Secret
     amplitude_region: str
-    export_url: str
+    amplitude_base_url: str
     posthog_host: str
     posthog_project_api_key: Secret
-    start_hour: datetime | None
-    end_hour: datetime | None
+    start_date: datetime | None
+    end_date: datetime | None
     export_delay: timedelta
     poll_interval: timedelta
     events_to_ignore: frozenset[str]
-    state_path: str
+    state_store_url: str
+    export_timeout: timedelta
+    posthog_timeout: timedelta
     max_events_per_second: float
-    export_timeout: float
     batch_size: int
-    posthog_timeout: float
     health_port: int | None
     workers: int
     log_level: str
 
+    @property
+    def export_url(self) -> str:
+        """The Export API endpoint: the base URL override, or the region's host."""
+        return (self.amplitude_base_url or REGION_HOSTS[self.amplitude_region]) + "/api/2/export"
+
     def secret_values(self) -> tuple[str, ...]:
         """The raw secret values, for scrubbing output. Never log these."""
-        return tuple(
-            s.reveal()
-            for s in (self.amplitude_api_key, self.amplitude_secret_key, self.posthog_project_api_key)
-            if s.reveal()
-        )
+        values = (getattr(self, f.name) for f in fields(self))
+        return tuple(v.reveal() for v in values if isinstance(v, Secret) and v.reveal())
 
 
-def truncate_to_hour(moment: datetime) -> datetime:
-    return moment.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
-
-
-def parse_hour(text: str) -> datetime:
-    """`YYYY-MM-DD`, `YYYY-MM-DDTHH` or an ISO timestamp -> the UTC hour containing it.
-
-    A timestamp without an offset is UTC. Raises ValueError on anything else.
-    """
-    text = text.strip()
-    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
-        return datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=timezone.utc)
-    if re.fullmatch(r"\d{4}-\d{2}-\d{2}[T ]\d{2}", text):
-        return datetime.strptime(text[:10] + "T" + text[11:], "%Y-%m-%dT%H").replace(tzinfo=timezone.utc)
-    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}.*", text):
+def _number(text: str, setting: Setting, integer: bool) -> float | int:
+    value: float | int = int(text) if integer else float(text)
+    if not math.isfinite(value):
         raise ValueError(text)
-    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return truncate_to_hour(moment)
+    if setting.minimum is not None and value < setting.minimum:
+        raise ValueError(text)
+    if setting.maximum is not None and value > setting.maximum:
+        raise ValueError(text)
+    return value
 
 
-def _check_url(value: str) -> str | None:
-    parts = urlsplit(value)
+def _range(setting: Setting) -> str:
+    low, high = setting.minimum, setting.maximum
+    if low is not None and high is not None:
+        return f" from {low:g} to {high:g}"
+    return f" >= {low:g}" if low is not None else ""
+
+
+def _url(text: str, setting: Setting) -> str:
+    parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        return "must be an absolute http:// or https:// URL"
-    return None
+        raise ValueError(text)
+    return text.rstrip("/")
 
 
-def _number(value: str, *, minimum: float, integer: bool) -> float | int:
-    number = int(value) if integer else float(value)
-    if number != number or number < minimum:  # NaN fails the first test
-        raise ValueError(value)
-    return number
+def _store(text: str, setting: Setting) -> str:
+    if text.startswith("sqlite:///") or "://" not in text:
+        return text
+    raise ValueError(text)
+
+
+def _duration(text: str, setting: Setting) -> timedelta:
+    return timedelta(**{setting.unit: _number(text, setting, integer=False)})
+
+
+# format -> (parse(text, setting) -> value or ValueError, what a valid value looks like)
+_PARSERS: dict[str, tuple[Callable[[str, Setting], Any], Callable[[Setting], str]]] = {
+    "text": (lambda text, s: text, lambda s: "text"),
+    "url": (_url, lambda s: "an absolute http:// or https:// URL"),
+    "hour": (lambda text, s: parse_hour(text), lambda s: "YYYY-MM-DD, YYYY-MM-DDTHH or an ISO timestamp"),
+    "duration": (_duration, lambda s: f"a number of {s.unit}{_range(s)}"),
+    "number": (lambda text, s: float(_number(text, s, integer=False)), lambda s: f"a number{_range(s)}"),
+    "integer": (lambda text, s: _number(text, s, integer=True), lambda s: f"a whole number{_range(s)}"),
+    "list": (lambda text, s: frozenset(part.strip() for part in text.split(",") if part.strip()), lambda s: "a list"),
+    "store": (_store, lambda s: "a file path or sqlite:///path"),
+}
+# An empty value without a default: "" for text-like formats, None (off, unset) for the others.
+_EMPTY = {"text": "", "url": "", "store": "", "list": frozenset()}
 
 
 def load_config(env: Mapping[str, str], schema: tuple[Setting, ...] | None = None) -> Config:
     """Read and validate every setting from `env`; raise ConfigError listing all problems."""
     schema = schema or load_schema()
-    raw: dict[str, str] = {}
-    problems: list[str] = []
+    values: dict[str, Any] = {}
+    problems: list[Problem] = []
     for setting in schema:
-        value = env.get(setting.env, "").strip()
-        raw[setting.key] = value or setting.default
-        if setting.required and not raw[setting.key]:
-            problems.append(f"{setting.env} is required ({setting.name}) but is not set")
-        elif setting.choices and raw[setting.key] and raw[setting.key] not in setting.choices:
+        text = env.get(setting.env, "").strip() or setting.default
+        if not text:
+            if setting.required:
+                problems.append(Problem(setting.env, f"{setting.env} is required ({setting.name}) but is not set"))
+            values[setting.field] = Secret("") if setting.secret else _EMPTY.get(setting.format)
+            continue
+        if setting.choices and text not in setting.choices:
             # Secrets have no choices, so echoing the value here is safe.
-            problems.append(
-                f"{setting.env} must be one of {', '.join(setting.choices)}, got {raw[setting.key]!r}"
-            )
-
-    def get(key: str) -> str:
-        return raw.get(key, "")
-
-    def number(key: str, *, minimum: float = 0, integer: bool = False, default: Any = 0) -> Any:
+            problems.append(Problem(setting.env, f"{setting.env} must be one of {', '.join(setting.choices)}, got {text!r}"))
+            continue
+        parse, expected = _PARSERS[setting.format]
         try:
-            return _number(get(key), minimum=minimum, integer=integer)
+            value = parse(text, setting)
         except ValueError:
-            kind = "a whole number" if integer else "a number"
-            problems.append(f"{env_name(key)} must be {kind} >= {minimum:g}, got {get(key)!r}")
-            return default
+            shown = "the value given" if setting.secret else repr(text)
+            problems.append(Problem(setting.env, f"{setting.env} must be {expected(setting)}, got {shown}"))
+            continue
+        values[setting.field] = Secret(value) if setting.secret else value
 
-    def hour(key: str) -> datetime | None:
-        if not get(key):
-            return None
-        try:
-            return parse_hour(get(key))
-        except ValueError:
-            problems.append(
-                f"{env_name(key)} must be YYYY-MM-DD, YYYY-MM-DDTHH or an ISO timestamp, got {get(key)!r}"
-            )
-            return None
-
-    base = get("amplitudeBaseUrl")
-    if base:
-        error = _check_url(base)
-        if error:
-            problems.append(f"AMPLITUDE_BASE_URL {error}, got {base!r}")
-    else:
-        base = REGION_HOSTS.get(get("amplitudeRegion") or "US", REGION_HOSTS["US"])
-    host = get("posthogHost")
-    if host:
-        error = _check_url(host)
-        if error:
-            problems.append(f"POSTHOG_HOST {error}, got {host!r}")
-
-    start, end = hour("startDate"), hour("endDate")
+    start, end = values.get("start_date"), values.get("end_date")
     if start and end and end <= start:
-        problems.append(
-            f"END_DATE ({end:%Y-%m-%dT%H}) must be after START_DATE ({start:%Y-%m-%dT%H}): it is the first hour not imported"
-        )
-    delay = number("exportDelayHours", minimum=0)
-    poll = number("pollIntervalMinutes", minimum=0.05)
-    rate = number("maxEventsPerSecond", minimum=0)
-    export_timeout = number("exportTimeoutSeconds", minimum=0.1)
-    posthog_timeout = number("posthogTimeoutSeconds", minimum=0.1)
-    workers = number("workers", minimum=0, integer=True)
-    batch_size = number("batchSize", minimum=1, integer=True, default=1)
-    port = None
-    if get("healthPort"):
-        port = number("healthPort", minimum=1, integer=True, default=None)
-        if port is not None and port > 65535:
-            problems.append(f"HEALTH_PORT must be a port number from 1 to 65535, got {get('healthPort')!r}")
-    state = get("stateStoreUrl")
-    if state.startswith("sqlite:///"):
-        state = state[len("sqlite:///") :]  # sqlite:///rel.db is relative, sqlite:////abs.db absolute
-    elif "://" in state:
-        problems.append(f"STATE_STORE_URL must be a file path or sqlite:///path, got {state!r}")
-
+        problems.append(Problem(
+            "END_DATE",
+            f"END_DATE ({end:%Y-%m-%dT%H}) must be after START_DATE ({start:%Y-%m-%dT%H}): it is the first hour not imported",
+        ))
     if problems:
         raise ConfigError(problems)
-    return Config(
-        amplitude_api_key=Secret(get("amplitudeApiKey")),
-        amplitude_secret_key=Secret(get("amplitudeSecretKey")),
-        amplitude_region=get("amplitudeRegion") or "US",
-        export_url=base.rstrip("/") + "/api/2/export",
-        posthog_host=host.rstrip("/"),
-        posthog_project_api_key=Secret(get("posthogProjectApiKey")),
-        start_hour=start,
-        end_hour=end,
-        export_delay=timedelta(hours=delay),
-        poll_interval=timedelta(minutes=poll),
-        events_to_ignore=frozenset(e.strip() for e in get("eventsToIgnore").split(",") if e.strip()),
-        state_path=state,
-        max_events_per_second=float(rate),
-        export_timeout=float(export_timeout),
-        batch_size=int(batch_size),
-        posthog_timeout=float(posthog_timeout),
-        health_port=port,
-        workers=int(workers),
-        log_level=get("logLevel") or "INFO",
-    )
+    return Config(**values)

@@ -18,17 +18,34 @@ and callers build them from names, never from values.
 
 from __future__ import annotations
 
+from typing import NamedTuple, Sequence
+
 
 class ConnectorError(Exception):
     """Base of every error the connector raises on purpose."""
 
 
-class ConfigError(ConnectorError):
-    """The configuration is wrong. `problems` lists every problem found, one per line."""
+class Problem(NamedTuple):
+    """One configuration problem: the variable to fix and a sentence that names it."""
 
-    def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("; ".join(self.problems))
+    variable: str
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class ConfigError(ConnectorError):
+    """The configuration is wrong. `problems` lists every problem found.
+
+    A bare string names no single variable (`variable` is empty); callers that
+    know the variable pass `Problem`s, so JSON output can name it in a field.
+    """
+
+    def __init__(self, problems: Sequence[Problem | str] | str):
+        items = [problems] if isinstance(problems, str) else list(problems)
+        self.problems = [p if isinstance(p, Problem) else Problem("", p) for p in items]
+        super().__init__("; ".join(p.text for p in self.problems))
 
 
 class AuthError(ConfigError):

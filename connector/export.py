@@ -1,49 +1,47 @@
-"""Amplitude Export API client: whole hours in, a streamed archive out.
+"""Amplitude Export API client: hour windows in, archives out.
 
-`ExportClient.download(start, end)` asks for the hours `start`..`end`, both
-INCLUSIVE as the API defines them, and returns an `Archive` kept in a temporary
-file (or None when Amplitude has no data for the range). Transient faults are
-retried here with exponential backoff and full jitter; what is left raises from
-the errors tree: `AuthError` (fix keys or region), `RangeTooLarge` (the caller
-splits the range), `ExportUnavailable` (retry later).
+`ExportClient.download_window(start, end)` asks for the hours `start`..`end`,
+both INCLUSIVE as the API defines them, and returns the `Archive` (kept in a
+temporary file; None when Amplitude has no data) with the last hour it really
+covers: a 400 (over 4 GB) shrinks the window to its first hour, and a single
+hour that still gets 400 raises `HourTooLarge`. `ahead(start, end)` runs the
+same download in the background, so the next window arrives while the current
+one is sent. `probe(hour)` is what `check` asks.
 
-`Archive.blocks(hour)` streams one hour's records as blocks of complete lines:
-members are read one by one, decompressed incrementally and never written to
-disk, so memory does not grow with the size of an hour.
+What Amplitude's answers mean (each attempt; `retry.retrying` repeats the
+transient ones with backoff):
+
+| answer                                      | meaning                                     |
+|---------------------------------------------|---------------------------------------------|
+| 200 with a zip                              | the archive                                 |
+| 200 that is not a zip (HTML, empty, cut)    | `ExportUnavailable`: retry                  |
+| 404                                         | no data for the range                       |
+| 400                                         | `RangeTooLarge`: ask for fewer hours        |
+| 401 / 403                                   | `AuthError`: fix keys or region             |
+| 429, 5xx, timeouts, broken connections      | `ExportUnavailable`: retry (Retry-After)    |
 """
 
 from __future__ import annotations
 
 import os
 import random
-import re
 import tempfile
+import threading
 import zipfile
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Callable, Iterator
+from datetime import datetime
+from typing import Callable
 
 import requests
-from isal import isal_zlib
 
+from .archive import Archive, UnnamedMembers
 from .config import Secret
-from .errors import AuthError, ConnectorError, ExportUnavailable, Interrupted
+from .errors import AuthError, ConnectorError, ExportUnavailable, HourTooLarge
+from .hours import HOUR, hour_param, hour_range
+from .retry import Backoff, retry_after_seconds, retrying
 
 # Amplitude refuses exports over 4 GB; anything much larger is not Amplitude.
 MAX_ARCHIVE_BYTES = 8 * 1024**3
-# JSON compresses about 10x; a member inflating 200x is a decompression bomb.
-MAX_INFLATION = 200
-MIN_INFLATION_ALLOWANCE = 64 * 1024**2
-# A line longer than this is rejected unread; only its start is kept.
-MAX_LINE_BYTES = 4 * 1024**2
-KEPT_PREFIX_BYTES = 64 * 1024
-BLOCK_BYTES = 2 * 1024**2
 _READ_BYTES = 1024**2
-# A server asking for more than this is not waited for in one go: the attempt
-# after it will ask again.
-MAX_RETRY_AFTER = 900.0
-
-_MEMBER = re.compile(r"_(\d{4}-\d{2}-\d{2})_(\d{1,2})#(\d+)\.json\.gz$")
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -51,167 +49,11 @@ class RangeTooLarge(ConnectorError):
     """Amplitude answered 400 for this range (over 4 GB, or malformed)."""
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with full jitter; a server's Retry-After is a floor."""
-
-    base: float = 1.0
-    cap: float = 120.0
-    attempts: int = 7
-
-    def delay(self, attempt: int, rng: random.Random, retry_after: float | None = None) -> float:
-        delay = rng.uniform(0, min(self.cap, self.base * 2**attempt))
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, MAX_RETRY_AFTER))
-        return delay
-
-
-@dataclass(frozen=True)
-class OversizedLine:
-    """A line over MAX_LINE_BYTES: its first bytes and its length."""
-
-    prefix: bytes
-    length: int
-
-
-def hour_param(hour: datetime) -> str:
-    return hour.astimezone(timezone.utc).strftime("%Y%m%dT%H")
-
-
-@dataclass(frozen=True)
-class Member:
-    name: str
-    hour: datetime | None
-    seq: int
-
-
-def member_of(name: str) -> Member | None:
-    """`<project>/<project>_2025-07-01_9#2.json.gz` -> its hour and sequence; None if not data."""
-    if not name.endswith(".json.gz"):
-        return None
-    match = _MEMBER.search(name)
-    if not match:
-        return Member(name, None, 0)
-    day, hour, seq = match.groups()
-    when = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc) + timedelta(hours=int(hour))
-    return Member(name, when, int(seq))
-
-
-class Archive:
-    """One downloaded export in a temporary file. Close it to delete the file."""
-
-    def __init__(self, path: str, size: int, start: datetime, end: datetime):
-        self.path = path
-        self.size = size
-        self.start = start
-        self.end = end
-        self._zip = zipfile.ZipFile(path)
-        members = [m for m in (member_of(i.filename) for i in self._zip.infolist() if not i.is_dir()) if m]
-        # Natural order: hour, then the member number (`#10` after `#9`), as Amplitude wrote them.
-        self.members = sorted(members, key=lambda m: (m.hour or start, m.seq, m.name))
-
-    def members_for(self, hour: datetime) -> list[Member]:
-        """The members holding `hour`. A member whose name does not tell its hour
-        belongs to the only hour of a one-hour archive; in a wider one it is an error."""
-        if self.start == self.end:
-            return list(self.members)
-        if any(m.hour is None for m in self.members):
-            raise RangeTooLarge("member names do not tell their hour; fetch hour by hour")
-        return [m for m in self.members if m.hour == hour]
-
-    def blocks(self, hour: datetime) -> Iterator[bytes | OversizedLine]:
-        """Blocks of complete NDJSON lines of `hour`, in file order, about BLOCK_BYTES each."""
-        pending: list[bytes] = []
-        pending_size = 0
-        for member in self.members_for(hour):
-            for piece in self._member_lines(member):
-                if isinstance(piece, OversizedLine):
-                    if pending:  # keep file order
-                        yield b"\n".join(pending)
-                        pending, pending_size = [], 0
-                    yield piece
-                    continue
-                pending.append(piece)
-                pending_size += len(piece)
-                if pending_size >= BLOCK_BYTES:
-                    yield b"\n".join(pending)
-                    pending, pending_size = [], 0
-        if pending:
-            yield b"\n".join(pending)
-
-    def _member_lines(self, member: Member) -> Iterator[bytes | OversizedLine]:
-        """Chunks of whole lines (no trailing newline) of one gzip member, streamed."""
-        info = self._zip.getinfo(member.name)
-        allowance = max(MIN_INFLATION_ALLOWANCE, MAX_INFLATION * max(info.compress_size, info.file_size))
-        inflated = 0
-        carry = b""
-        skipping: OversizedLine | None = None
-        try:
-            with self._zip.open(info) as raw:
-                inflater = isal_zlib.decompressobj(31)
-                while True:
-                    chunk = raw.read(_READ_BYTES)
-                    if not chunk:
-                        break
-                    while chunk:
-                        # Bounded output per call: a dense member cannot balloon memory.
-                        data = inflater.decompress(chunk, 4 * _READ_BYTES)
-                        chunk = inflater.unconsumed_tail
-                        if inflater.eof and inflater.unused_data:
-                            # Concatenated gzip streams are one valid gzip file.
-                            chunk = inflater.unused_data
-                            inflater = isal_zlib.decompressobj(31)
-                        inflated += len(data)
-                        if inflated > allowance:
-                            raise ExportUnavailable(
-                                f"member {member.name} inflates over {allowance} bytes: refusing a decompression bomb",
-                                cause="bad_archive",
-                            )
-                        carry += data
-                        cut = carry.rfind(b"\n")
-                        if cut == -1:
-                            if skipping:
-                                skipping = OversizedLine(skipping.prefix, skipping.length + len(carry))
-                                carry = b""
-                            elif len(carry) > MAX_LINE_BYTES:
-                                skipping = OversizedLine(carry[:KEPT_PREFIX_BYTES], len(carry))
-                                carry = b""
-                            continue
-                        head, carry = carry[:cut], carry[cut + 1 :]
-                        if skipping:
-                            first, _, head = head.partition(b"\n")
-                            yield OversizedLine(skipping.prefix, skipping.length + len(first))
-                            skipping = None
-                        if head:
-                            yield head
-                if not inflater.eof:
-                    raise ExportUnavailable(f"member {member.name} is truncated", cause="bad_archive")
-        except (zipfile.BadZipFile, isal_zlib.error, EOFError, OSError) as exc:
-            raise ExportUnavailable(f"member {member.name} is corrupt: {exc}", cause="bad_archive") from exc
-        if skipping:
-            yield OversizedLine(skipping.prefix, skipping.length + len(carry))
-        elif carry:
-            yield carry  # the last line may lack its newline
-
-    def close(self) -> None:
-        self._zip.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-
-    def __enter__(self) -> "Archive":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 class ExportClient:
-    """Downloads hour ranges from `url` (`{base}/api/2/export`) with retries.
+    """Downloads hour windows from `url` (`{base}/api/2/export`) with retries.
 
-    `sleep(seconds)` waits and returns True when the process is stopping, which
-    ends the retries with `Interrupted`. `on_retry(cause)` is told each retry.
+    `sleep(seconds)` waits and returns True when the process is stopping.
+    `on_retry(cause)` and `on_bytes(n)` are told of each retry and each archive.
     """
 
     def __init__(
@@ -228,6 +70,7 @@ class ExportClient:
         timeout: tuple[float, float] = (10.0, 600.0),
         tmp_dir: str | None = None,
         on_retry: Callable[[str], None] = lambda cause: None,
+        on_bytes: Callable[[int], None] = lambda n: None,
     ):
         self._session = session
         self._url = url
@@ -239,42 +82,79 @@ class ExportClient:
         self._timeout = timeout
         self._tmp_dir = tmp_dir
         self._on_retry = on_retry
+        self._on_bytes = on_bytes
+
+    # -- windows -------------------------------------------------------------
+
+    def download_window(self, start: datetime, end: datetime) -> tuple[Archive | None, datetime]:
+        """The archive for start..end and the last hour it really covers (see the module doc)."""
+        try:
+            archive = self.download(start, end)
+        except RangeTooLarge:
+            if start == end:
+                raise HourTooLarge(
+                    f"Amplitude refuses to export hour {hour_param(start)} (400: over its 4 GB export limit). "
+                    "It cannot be imported through the Export API: export it with Amplitude's Amazon S3 export "
+                    "and import it separately. The cursor stays at this hour; nothing after it is imported until then."
+                ) from None
+            return self.download_window(start, start)
+        if archive is not None and start != end:
+            try:
+                for hour in hour_range(start, end + HOUR):
+                    archive.members_for(hour)
+            except UnnamedMembers:
+                archive.close()
+                return self.download_window(start, start)
+        return archive, end
+
+    def ahead(self, start: datetime, end: datetime) -> "Pending":
+        """`download_window(start, end)` in a background thread."""
+        return Pending(self.download_window, start, end)
+
+    # -- one request ---------------------------------------------------------
 
     def download(self, start: datetime, end: datetime) -> Archive | None:
         """The archive of hours start..end inclusive, or None when there is no data."""
-        last: ExportUnavailable | None = None
-        for attempt in range(self._backoff.attempts):
-            if attempt:
-                assert last is not None
-                self._on_retry(last.cause)
-                if self._sleep(self._backoff.delay(attempt - 1, self._rng, last.retry_after)):
-                    raise Interrupted("stopping during an export retry")
-            try:
-                return self._attempt(start, end)
-            except ExportUnavailable as exc:
-                last = exc
-        assert last is not None
-        raise ExportUnavailable(
-            f"Amplitude export {hour_param(start)}..{hour_param(end)} failed {self._backoff.attempts} times; last: {last}",
-            cause=last.cause,
+        return retrying(
+            lambda: self._attempt(start, end),
+            backoff=self._backoff,
+            sleep=self._sleep,
+            rng=self._rng,
+            what=f"Amplitude export {hour_param(start)}..{hour_param(end)}",
+            on_retry=self._on_retry,
         )
 
-    def _attempt(self, start: datetime, end: datetime) -> Archive | None:
+    def probe(self, hour: datetime) -> dict:
+        """For `check`: reach the Export API for one hour, reading headers only."""
+        try:
+            response = self._get(hour, hour, stream=True, timeout=(10.0, 60.0))
+        except ExportUnavailable as exc:
+            return {"ok": False, "url": self._url, "error": str(exc)}
+        response.close()
+        result = {"ok": response.status_code in (200, 404), "status": response.status_code, "url": self._url}
+        if response.status_code in (401, 403):
+            result["hint"] = "check AMPLITUDE_API_KEY, AMPLITUDE_SECRET_KEY and AMPLITUDE_REGION"
+        return result
+
+    def _get(self, start: datetime, end: datetime, *, stream: bool, timeout: tuple[float, float]) -> requests.Response:
         span = f"{hour_param(start)}..{hour_param(end)}"
         api_key, secret_key = self._auth
         try:
-            response = self._session.get(
+            return self._session.get(
                 self._url,
                 params={"start": hour_param(start), "end": hour_param(end)},
                 auth=(api_key.reveal(), secret_key.reveal()),
-                stream=True,
-                timeout=self._timeout,
+                stream=stream,
+                timeout=timeout,
             )
         except requests.Timeout as exc:
             raise ExportUnavailable(f"export {span} timed out: {type(exc).__name__}", cause="timeout") from None
         except requests.RequestException as exc:
             raise ExportUnavailable(f"export {span}: connection failed ({type(exc).__name__})", cause="connection") from None
-        with response:
+
+    def _attempt(self, start: datetime, end: datetime) -> Archive | None:
+        span = f"{hour_param(start)}..{hour_param(end)}"
+        with self._get(start, end, stream=True, timeout=self._timeout) as response:
             status = response.status_code
             if status == 404:
                 return None
@@ -289,7 +169,9 @@ class ExportClient:
                 retry_after = retry_after_seconds(response.headers.get("Retry-After"))
                 cause = "rate_limited" if status == 429 else "timeout" if status == 504 else "server_error"
                 raise ExportUnavailable(f"Amplitude answered {status} for {span}", retry_after, cause=cause)
-            return self._save(response, start, end, span)
+            archive = self._save(response, start, end, span)
+        self._on_bytes(archive.size)
+        return archive
 
     def _save(self, response: requests.Response, start: datetime, end: datetime, span: str) -> Archive:
         fd, path = tempfile.mkstemp(prefix="amplitude-export-", suffix=".zip", dir=self._tmp_dir)
@@ -319,16 +201,40 @@ class ExportClient:
             raise
 
 
-def retry_after_seconds(value: str | None) -> float | None:
-    """A Retry-After header (seconds or an HTTP date) as seconds from now; None if absent or unreadable."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        from email.utils import parsedate_to_datetime
+class Pending:
+    """A window download running in a daemon thread, so a stopping process never waits for it."""
 
+    def __init__(self, download: Callable[[datetime, datetime], tuple[Archive | None, datetime]], start: datetime, end: datetime):
+        self.start = start
+        self._done = threading.Event()
+        self._value: tuple[Archive | None, datetime] | None = None
+        self._error: BaseException | None = None
+        self._discarded = False
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, args=(download, start, end), name="export-ahead", daemon=True).start()
+
+    def _run(self, download, start, end) -> None:
         try:
-            return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
-        except (TypeError, ValueError):
-            return None
+            value = download(start, end)
+        except BaseException as exc:  # handed to whoever asks for the result
+            self._error = exc
+        else:
+            with self._lock:
+                if self._discarded and value[0] is not None:
+                    value[0].close()
+                self._value = value
+        self._done.set()
+
+    def result(self) -> tuple[Archive | None, datetime]:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
+
+    def discard(self) -> None:
+        """Drop the download; its archive is deleted whenever it arrives."""
+        with self._lock:
+            self._discarded = True
+            if self._value is not None and self._value[0] is not None:
+                self._value[0].close()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+from .hours import Plan
+
 
 class Metrics:
     """Counters and gauges the sync loop updates; `render()` is the /metrics body."""
@@ -30,6 +32,12 @@ class Metrics:
         self.last_tick = Gauge("connector_last_tick_timestamp_seconds", "When the last sync tick finished", registry=r)
         for outcome in ("done", "empty", "failed"):
             self.hours.labels(outcome)
+
+    def show(self, plan: Plan) -> None:
+        """Set the gauges that describe the plan."""
+        self.cursor.set(plan.cursor.timestamp())
+        self.lag.set(plan.lag.total_seconds())
+        self.backlog.set(plan.backlog)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,4 +1,4 @@
-"""PostHog sink: sends serialized events to `{host}/batch/` and confirms each batch.
+"""PostHog sink: sends batches to `{host}/batch/` and confirms each one.
 
 The wire contract comes from the `posthog` package (its `/batch/` endpoint,
 user agent and request shape), but the package's client is not used to send:
@@ -8,12 +8,16 @@ and stamps `sent_at`, which makes PostHog shift timestamps by this machine's
 clock error. Here every batch is confirmed: `send` returns only when PostHog
 accepted each event, or says which ones it refused and why.
 
-- 200: accepted.
-- 400 / 413: the batch is split in halves until the offending events are
-  alone; those are returned as rejected, the rest is delivered.
-- 401 / 403 / 404: `AuthError` / `ConfigError` (fix POSTHOG_* settings).
-- 408, 429, 5xx, timeouts, refused connections: retried with backoff
-  (Retry-After honoured); after the last attempt `PostHogUnavailable`.
+What PostHog's answers mean (each attempt; `retry.retrying` repeats the
+transient ones with backoff):
+
+| answer                                  | meaning                                                |
+|-----------------------------------------|--------------------------------------------------------|
+| 200                                     | accepted                                               |
+| 400 / 413                               | split the batch in halves until the offending events are alone; those are refused, the rest delivered |
+| 401 / 403                               | `AuthError`: fix POSTHOG_PROJECT_API_KEY               |
+| 404                                     | `ConfigError`: POSTHOG_HOST is not PostHog's base URL  |
+| 408, 429, 5xx, timeouts, refused connections | `PostHogUnavailable`: retry (Retry-After)         |
 """
 
 from __future__ import annotations
@@ -21,15 +25,16 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Protocol
 
 import requests
 from posthog.request import EVENTS_ENDPOINT, USER_AGENT
 
-from .batches import Batch, encode_batch
+from .batches import Batch, make_batch
 from .config import Secret
 from .errors import AuthError, ConfigError, Interrupted, PostHogUnavailable
-from .export import Backoff, retry_after_seconds
+from .retry import Backoff, retry_after_seconds, retrying
+
 
 class RateLimiter:
     """At most `rate` events per second on average (0 = unlimited)."""
@@ -59,13 +64,9 @@ class Refused:
     detail: str
 
 
-Events = Callable[[], Sequence[bytes]]
-
-
 class Sink(Protocol):
-    def send(self, batch: Batch, events: Events | None = None) -> list["Refused"]:
-        """Deliver the batch; return the events refused for good. `events()` gives the
-        batch's events when the batch carries only its body and must be split."""
+    def send(self, batch: Batch) -> list[Refused]:
+        """Deliver the batch; return the events refused for good (usually none)."""
 
 
 class PostHogSink:
@@ -83,7 +84,7 @@ class PostHogSink:
         timeout: float = 30.0,
         limiter: RateLimiter | None = None,
         on_retry: Callable[[str], None] = lambda cause: None,
-        on_request: Callable[[int, int], None] = lambda events, nbytes: None,
+        on_accepted: Callable[[], None] = lambda: None,
     ):
         self._session = session
         self._url = host.rstrip("/") + EVENTS_ENDPOINT
@@ -94,68 +95,74 @@ class PostHogSink:
         self._timeout = timeout
         self._limiter = limiter or RateLimiter(0)
         self._on_retry = on_retry
-        self._on_request = on_request
+        self._on_accepted = on_accepted
         self._headers = {
             "Content-Type": "application/json",
             "Content-Encoding": "gzip",
             "User-Agent": f"{USER_AGENT} amplitude-posthog-connector",
         }
 
-    def send(self, batch: Batch, events: Events | None = None) -> list[Refused]:
+    def send(self, batch: Batch) -> list[Refused]:
         """Deliver `batch`; return the events PostHog refused for good (usually none)."""
         self._limiter.acquire(batch.count)
-        return self._send(batch, 0, events)
+        return self._send(batch, 0)
 
-    def _send(self, batch: Batch, offset: int, events: Events | None = None) -> list[Refused]:
-        body = batch.body if batch.body is not None else encode_batch(self._api_key.reveal(), batch.events, batch.historical)
-        status, text = self._post(body, batch.count)
+    def _send(self, batch: Batch, offset: int) -> list[Refused]:
+        status, text = retrying(
+            lambda: self._attempt(batch.body),
+            backoff=self._backoff,
+            sleep=self._sleep,
+            rng=self._rng,
+            what="a PostHog /batch/ request",
+            on_retry=self._on_retry,
+        )
         if status == 200:
+            self._on_accepted()
             return []
-        if status in (400, 413):
-            reason = "posthog_rejected" if status == 400 else "too_large"
-            if batch.count == 1:
-                return [Refused(offset, reason, f"PostHog answered {status}: {text[:300]}")]
-            whole = batch.events or (tuple(events()) if events else ())
-            if len(whole) != batch.count:
-                raise AssertionError("a refused batch must come with its events to be split")
-            half = batch.count // 2
-            first = Batch(whole[:half], batch.historical)
-            second = Batch(whole[half:], batch.historical)
-            return self._send(first, offset) + self._send(second, offset + half)
-        raise AssertionError(status)  # _post raises for every other status
+        reason = "posthog_rejected" if status == 400 else "too_large"
+        if batch.count == 1:
+            return [Refused(offset, reason, f"PostHog answered {status}: {text[:300]}")]
+        events = batch.events()
+        half = batch.count // 2
+        key = self._api_key.reveal()
+        first = make_batch(key, events[:half], batch.historical)
+        second = make_batch(key, events[half:], batch.historical)
+        return self._send(first, offset) + self._send(second, offset + half)
 
-    def _post(self, body: bytes, events: int) -> tuple[int, str]:
-        last: PostHogUnavailable | None = None
-        for attempt in range(self._backoff.attempts):
-            if attempt:
-                assert last is not None
-                self._on_retry(last.cause)
-                if self._sleep(self._backoff.delay(attempt - 1, self._rng, last.retry_after)):
-                    raise Interrupted("stopping during a PostHog retry")
-            try:
-                response = self._session.post(self._url, data=body, headers=self._headers, timeout=self._timeout)
-            except requests.Timeout:
-                last = PostHogUnavailable("PostHog did not answer in time", cause="timeout")
-                continue
-            except requests.RequestException as exc:
-                last = PostHogUnavailable(f"cannot reach PostHog ({type(exc).__name__})", cause="connection")
-                continue
-            status = response.status_code
-            self._on_request(events, len(body))
-            if status in (200, 400, 413):
-                return status, response.text
-            if status in (401, 403):
-                raise AuthError(
-                    f"PostHog refused the project API key ({status}): check POSTHOG_PROJECT_API_KEY and POSTHOG_HOST"
-                )
-            if status == 404:
-                raise ConfigError(f"PostHog answered 404 for {EVENTS_ENDPOINT}: check that POSTHOG_HOST is PostHog's base URL")
-            cause = "rate_limited" if status == 429 else "server_error"
-            last = PostHogUnavailable(
-                f"PostHog answered {status}", retry_after_seconds(response.headers.get("Retry-After")), cause=cause
+    def _attempt(self, body: bytes) -> tuple[int, str]:
+        """One POST: (status, text) for 200/400/413; raises for everything else."""
+        try:
+            response = self._session.post(self._url, data=body, headers=self._headers, timeout=self._timeout)
+        except requests.Timeout:
+            raise PostHogUnavailable("PostHog did not answer in time", cause="timeout") from None
+        except requests.RequestException as exc:
+            raise PostHogUnavailable(f"cannot reach PostHog ({type(exc).__name__})", cause="connection") from None
+        status = response.status_code
+        if status in (200, 400, 413):
+            return status, response.text
+        if status in (401, 403):
+            raise AuthError(
+                f"PostHog refused the project API key ({status}): check POSTHOG_PROJECT_API_KEY and POSTHOG_HOST"
             )
-        assert last is not None
-        raise PostHogUnavailable(f"PostHog did not accept a batch after {self._backoff.attempts} attempts; last: {last}", cause=last.cause)
+        if status == 404:
+            raise ConfigError(f"PostHog answered 404 for {EVENTS_ENDPOINT}: check that POSTHOG_HOST is PostHog's base URL")
+        cause = "rate_limited" if status == 429 else "server_error"
+        raise PostHogUnavailable(f"PostHog answered {status}", retry_after_seconds(response.headers.get("Retry-After")), cause=cause)
+
+    def probe(self) -> dict:
+        """For `check`: POST an empty batch. It may be refused as empty (400); only a
+        wrong key, a wrong URL or a failing server fail the probe."""
+        try:
+            response = self._session.post(
+                self._url, json={"api_key": self._api_key.reveal(), "batch": []}, timeout=self._timeout
+            )
+        except requests.RequestException as exc:
+            return {"ok": False, "url": self._url, "error": type(exc).__name__}
+        status = response.status_code
+        result = {"ok": status < 500 and status not in (401, 403, 404), "status": status, "url": self._url}
+        if status in (401, 403):
+            result["hint"] = "check POSTHOG_PROJECT_API_KEY"
+        return result
 
 
 class PrintSink:
@@ -164,7 +171,7 @@ class PrintSink:
     def __init__(self, out):
         self._out = out
 
-    def send(self, batch: Batch, events: Events | None = None) -> list[Refused]:
-        for event in batch.events or (events() if events else ()):
+    def send(self, batch: Batch) -> list[Refused]:
+        for event in batch.events():
             self._out.write(event.decode("utf-8") + "\n")
         return []

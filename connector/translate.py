@@ -2,8 +2,10 @@
 
 `translate_record` maps one parsed record; `translate_block` maps a block of raw
 NDJSON lines and serializes the events, which is what the worker processes run.
+`merge_event` and `group_event` build the connector's own events (person
+merges, group updates). Every event built here carries COMMON_PROPERTIES.
 Everything a translation needs from outside (the export hour, ignored event
-types, the PostHog key) arrives in a `TranslateContext`.
+types) arrives in a `TranslateContext`.
 
 Contract of an outgoing event: `event` and `distinct_id` are non-empty strings,
 `uuid` is Amplitude's uuid (or one derived deterministically from the record),
@@ -25,6 +27,7 @@ from typing import NamedTuple
 
 import orjson
 
+from .archive import MAX_LINE_BYTES, Block
 from .errors import RecordRejected
 
 # PostHog discards events larger than about 1 MB; keep a margin for the envelope.
@@ -36,8 +39,10 @@ MAX_EVENT_BYTES = 1_000_000
 MAX_DEPTH = 64
 # distinct_ids longer than this are truncated by PostHog, which could fuse people.
 MAX_ID_LENGTH = 200
-# Lines longer than this are rejected without being parsed.
-MAX_LINE_BYTES = 4 * 1024 * 1024
+LIB = "amplitude-posthog-connector"
+# On every event: PostHog stores the event's own timestamp whatever the clocks
+# say, and does not resolve this machine's address into a location.
+COMMON_PROPERTIES = {"$geoip_disable": True, "$ignore_sent_at": True}
 
 NAMESPACE = uuidlib.UUID("6f1d7c63-4a5c-4bb1-8f2c-3b6d3f0a9e21")
 
@@ -131,8 +136,9 @@ class Translation(NamedTuple):
     groups: tuple[GroupUpdate, ...] = ()
 
 
-@dataclass(frozen=True)
-class Rejection:
+class Rejection(NamedTuple):
+    """A record that is not delivered, on purpose: why, and its raw line as read."""
+
     reason: str
     detail: str
     raw: bytes
@@ -457,30 +463,65 @@ def translate_record(record: dict, ctx: TranslateContext) -> Translation:
         props["$set"] = to_set
     if to_set_once:
         props["$set_once"] = to_set_once
-    props["$geoip_disable"] = True
-    props["$ignore_sent_at"] = True
+    props.update(COMMON_PROPERTIES)
 
     event = {"event": name, "distinct_id": distinct_id, "uuid": event_uuid, "timestamp": timestamp, "properties": props}
     merge = Merge(device_id, user_id, timestamp) if user_id and device_id and user_id != device_id else None
     return Translation(event, merge, group_updates)
 
 
-def translate_block(block: bytes, ctx: TranslateContext) -> BlockResult:
+def merge_event(merge: Merge) -> dict:
+    """`$create_alias` joining the device's person into the user's.
+
+    The user is the event's distinct_id and the device the alias: PostHog checks
+    only the merged-in side for being identified, so a user's second and third
+    devices merge too. The uuid is derived from the pair, so a re-send is a duplicate.
+    """
+    return {
+        "event": "$create_alias",
+        "distinct_id": merge.user_id,
+        "uuid": merge_uuid(merge.device_id, merge.user_id),
+        "timestamp": merge.timestamp,
+        "properties": {"alias": merge.device_id, "distinct_id": merge.user_id, "$lib": LIB, **COMMON_PROPERTIES},
+    }
+
+
+def group_event(update: GroupUpdate, digest: str) -> dict:
+    """`$groupidentify` setting a group's properties (`digest`: of those properties)."""
+    return {
+        "event": "$groupidentify",
+        "distinct_id": f"${update.group_type}_{update.group_key}",
+        "uuid": group_uuid(update.group_type, update.group_key, digest, update.timestamp),
+        "timestamp": update.timestamp,
+        "properties": {
+            "$group_type": update.group_type,
+            "$group_key": update.group_key,
+            "$group_set": update.properties,
+            "$lib": LIB,
+            **COMMON_PROPERTIES,
+        },
+    }
+
+
+def translate_block(block: Block, ctx: TranslateContext) -> BlockResult:
     """Translate a block of newline-separated records and serialize each event.
 
-    Pure and picklable in and out, so it can run in a worker process.
+    The block's oversized lines become `too_large` rejections. Pure and
+    picklable in and out, so it can run in a worker process.
     """
     result = BlockResult()
+    for oversized in block.oversized:
+        result.read += 1
+        result.rejections.append(Rejection("too_large", f"the line is {oversized.length} bytes, over {MAX_LINE_BYTES}",
+                                           oversized.prefix))
     merges: dict[tuple[str, str], Merge] = {}
     groups: dict[tuple[str, str], GroupUpdate] = {}
     loads, dumps = orjson.loads, orjson.dumps
-    for index, line in enumerate(block.split(b"\n")):
+    for index, line in enumerate(block.lines.split(b"\n")):
         if not line or line.isspace():
             continue
         result.read += 1
         try:
-            if len(line) > MAX_LINE_BYTES:
-                raise RecordRejected("too_large", f"the line is {len(line)} bytes, over {MAX_LINE_BYTES}")
             if b"\\" in line and b"\\u0000" in line:  # one memchr first: most lines have no escapes
                 raise RecordRejected("nul_character", "PostHog cannot store the NUL character (\\u0000)")
             try:

@@ -8,9 +8,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-from connector import export
+from connector import archive as archive_module
 from connector.errors import ExportUnavailable
-from connector.export import Archive, OversizedLine, RangeTooLarge, member_of
+from connector.archive import Archive, Oversized, UnnamedMembers, member_of
 
 H9 = datetime(2025, 7, 1, 9, tzinfo=timezone.utc)
 H10 = datetime(2025, 7, 1, 10, tzinfo=timezone.utc)
@@ -26,7 +26,8 @@ def write_zip(path, members: dict[str, bytes]) -> str:
 def lines_of(archive: Archive, hour: datetime) -> list[bytes]:
     out = []
     for block in archive.blocks(hour):
-        out.extend(block.split(b"\n") if isinstance(block, bytes) else [block])
+        out.extend(block.oversized)
+        out.extend(line for line in block.lines.split(b"\n") if line)
     return out
 
 
@@ -68,7 +69,7 @@ def test_multi_hour_archive_splits_members_by_hour(tmp_path):
 
 def test_multi_hour_archive_with_unnamed_members_asks_for_single_hours(tmp_path):
     with Archive(write_zip(tmp_path / "a.zip", {"1/x.json.gz": gzip.compress(b"x")}), 0, H9, H10) as archive:
-        with pytest.raises(RangeTooLarge):
+        with pytest.raises(UnnamedMembers):
             archive.members_for(H9)
 
 
@@ -87,19 +88,30 @@ def test_truncated_gzip_member_is_retryable(tmp_path):
             lines_of(archive, H9)
 
 
-def test_overlong_line_is_cut_out_and_the_rest_kept(tmp_path, monkeypatch):
-    monkeypatch.setattr(export, "MAX_LINE_BYTES", 1000)
-    monkeypatch.setattr(export, "KEPT_PREFIX_BYTES", 10)
-    monkeypatch.setattr(export, "_READ_BYTES", 64)  # the long line arrives over many reads
-    data = b"first\n" + b"x" * 5000 + b"\nlast"
+@pytest.mark.parametrize("length, step", [(5000, 256), (1500, 800), (1001, 1000), (2000, 1000)],
+                         ids=["over many steps", "ends in the step after it began",
+                              "one byte over, split across steps", "ends exactly at a step"])
+def test_overlong_line_is_cut_out_and_the_rest_kept(tmp_path, monkeypatch, length, step):
+    monkeypatch.setattr(archive_module, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(archive_module, "KEPT_PREFIX_BYTES", 10)
+    monkeypatch.setattr(archive_module, "_READ_BYTES", 64)
+    monkeypatch.setattr(archive_module, "_INFLATE_STEP", step)
+    data = b"first\n" + b"x" * (length - 1) + b"y" + b"\nlast"
     with Archive(write_zip(tmp_path / "a.zip", {"1/1_2025-07-01_9#1.json.gz": gzip.compress(data)}), 0, H9, H9) as archive:
         got = lines_of(archive, H9)
-    assert got[0] == b"first" and got[-1] == b"last"
-    assert got[1] == OversizedLine(b"x" * 10, 5000)
+    assert got == [Oversized(b"x" * 10, length), b"first", b"last"]
+
+
+def test_a_line_of_exactly_the_limit_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(archive_module, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(archive_module, "_INFLATE_STEP", 300)
+    data = b"a\n" + b"z" * 1000 + b"\nb"
+    with Archive(write_zip(tmp_path / "a.zip", {"1/1_2025-07-01_9#1.json.gz": gzip.compress(data)}), 0, H9, H9) as archive:
+        assert lines_of(archive, H9) == [b"a", b"z" * 1000, b"b"]
 
 
 def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(export, "MIN_INFLATION_ALLOWANCE", 1000)
+    monkeypatch.setattr(archive_module, "MIN_INFLATION_ALLOWANCE", 1000)
     bomb = gzip.compress(b"\n" * 10_000_000)  # ~10 KB inflating 1000x
     with Archive(write_zip(tmp_path / "a.zip", {"1/1_2025-07-01_9#1.json.gz": bomb}), 0, H9, H9) as archive:
         with pytest.raises(ExportUnavailable, match="bomb"):

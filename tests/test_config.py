@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from connector.config import REGION_HOSTS, env_name, load_config, load_schema, parse_hour
+from connector.config import REGION_HOSTS, env_name, load_config, load_schema
+from connector.hours import parse_hour
 from connector.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +61,7 @@ def test_defaults_apply_and_region_picks_the_host():
     assert config.export_url == "https://amplitude.com/api/2/export"
     assert config.export_delay == timedelta(hours=3)
     assert config.events_to_ignore == {"session_start", "session_end"}
-    assert config.start_hour is None and config.end_hour is None
+    assert config.start_date is None and config.end_date is None
     assert load_config({**VALID, "AMPLITUDE_REGION": "EU"}).export_url == REGION_HOSTS["EU"] + "/api/2/export"
     assert load_config({**VALID, "AMPLITUDE_BASE_URL": "http://127.0.0.1:9/"}).export_url == "http://127.0.0.1:9/api/2/export"
 
@@ -106,7 +107,7 @@ def test_each_bad_variable_is_named_and_exits_2(variable, value):
     env = {**VALID, variable: value}
     with pytest.raises(ConfigError) as info:
         load_config(env)
-    assert any(variable in problem for problem in info.value.problems)
+    assert any(problem.variable == variable and variable in problem.text for problem in info.value.problems)
     result = subprocess.run([sys.executable, "-m", "connector", "sync"], env={**env, "PATH": "/usr/bin"},
                             capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 2
@@ -124,7 +125,7 @@ def test_end_before_start_is_refused():
 def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as info:
         load_config({"AMPLITUDE_REGION": "XX", "EXPORT_DELAY_HOURS": "x", "START_DATE": "nope"})
-    text = "\n".join(info.value.problems)
+    text = "\n".join(p.text for p in info.value.problems)
     for variable in ("AMPLITUDE_API_KEY", "AMPLITUDE_SECRET_KEY", "POSTHOG_HOST", "POSTHOG_PROJECT_API_KEY",
                      "AMPLITUDE_REGION", "EXPORT_DELAY_HOURS", "START_DATE"):
         assert variable in text
@@ -165,3 +166,38 @@ def test_env_example_lists_every_variable_with_secrets_blank():
     for s in schema:
         if s.secret:
             assert lines[s.env] == ""
+
+
+def test_config_has_one_field_per_plugin_json_entry():
+    from dataclasses import fields
+
+    from connector.config import Config
+
+    assert [f.name for f in fields(Config)] == [s.field for s in load_schema()]
+
+
+def test_the_schema_decides_secrecy_and_types():
+    from connector.config import Secret
+
+    config = load_config({**VALID, "EXPORT_DELAY_HOURS": "2.5", "HEALTH_PORT": "8123", "EVENTS_TO_IGNORE": "a, b,,"})
+    for s in load_schema():
+        value = getattr(config, s.field)
+        assert isinstance(value, Secret) == s.secret, s.key
+    assert set(config.secret_values()) == set(SECRETS.values())
+    assert config.export_delay == timedelta(hours=2.5)
+    assert config.health_port == 8123 and config.events_to_ignore == {"a", "b"}
+    assert load_config(VALID).health_port is None
+
+
+def test_a_setting_marked_secret_in_the_schema_is_masked_without_code_changes():
+    from connector.config import Secret
+
+    schema = json.loads((ROOT / "plugin.json").read_text())
+    for entry in schema["config"]:
+        if entry.get("key") == "amplitudeBaseUrl":
+            entry["secret"] = True
+    config = load_config({**VALID, "AMPLITUDE_BASE_URL": "https://user:pw-123@proxy.example.com"},
+                         load_schema(json.dumps(schema)))
+    assert isinstance(config.amplitude_base_url, Secret)
+    assert "pw-123" not in repr(config)
+    assert "https://user:pw-123@proxy.example.com" in config.secret_values()

@@ -13,10 +13,11 @@ import orjson
 import pytest
 import requests
 
-from connector.batches import Batch
+from connector.batches import make_batch
 from connector.config import Secret
 from connector.errors import AuthError, ExportUnavailable
-from connector.export import Backoff, ExportClient
+from connector.export import ExportClient
+from connector.retry import Backoff
 from connector.sink import PostHogSink
 
 from .fakes.amplitude import FakeAmplitude
@@ -48,7 +49,7 @@ def export_client(amp, sleeps, *, timeout=(5.0, 5.0), secret=AMP_SECRET, backoff
 def read_all(archive) -> list[bytes]:
     lines = []
     for block in archive.blocks(archive.start):
-        lines.extend(block.split(b"\n"))
+        lines.extend(block.lines.split(b"\n"))
     return lines
 
 
@@ -177,28 +178,28 @@ def sink(ph, sleeps, *, timeout=5.0) -> PostHogSink:
 def test_503_storm_is_ridden_out(ph):
     ph.inject("status", times=4, code=503)
     sleeps = Sleeps()
-    assert sink(ph, sleeps).send(Batch(events(10), True)) == []
+    assert sink(ph, sleeps).send(make_batch(PH_KEY, events(10), True)) == []
     assert len(ph.events) == 10 and len(sleeps.calls) == 4
 
 
 def test_429_retry_after_is_honoured(ph):
     ph.inject("status", code=429, headers={"Retry-After": "3"})
     sleeps = Sleeps()
-    sink(ph, sleeps).send(Batch(events(3), True))
+    sink(ph, sleeps).send(make_batch(PH_KEY, events(3), True))
     assert sleeps.calls[0] >= 3 and len(ph.events) == 3
 
 
 def test_connection_refused_while_posthog_restarts(ph):
     ph.stop()
     sleeps = Sleeps(on_sleep=lambda n: ph.start() if n == 2 else None)
-    assert sink(ph, sleeps).send(Batch(events(5), True)) == []
+    assert sink(ph, sleeps).send(make_batch(PH_KEY, events(5), True)) == []
     assert len(ph.events) == 5 and len(sleeps.calls) == 2
 
 
 def test_slow_posthog_times_out_and_is_retried_with_the_same_uuids(ph):
     ph.inject("delay", seconds=1.5)
     sleeps = Sleeps()
-    assert sink(ph, sleeps, timeout=0.5).send(Batch(events(4), True)) == []
+    assert sink(ph, sleeps, timeout=0.5).send(make_batch(PH_KEY, events(4), True)) == []
     ph.wait_for_events(8, timeout=10)  # the slow request is ingested too, later
     uuids = ph.uuids()
     assert len(set(uuids)) == 4, "a re-send repeats the same uuids: PostHog deduplicates"
@@ -207,14 +208,14 @@ def test_slow_posthog_times_out_and_is_retried_with_the_same_uuids(ph):
 def test_one_bad_event_is_isolated_and_the_rest_delivered(ph):
     batch = events(40)
     ph.refuse_uuids = {orjson.loads(batch[17])["uuid"]}
-    refused = sink(ph, Sleeps()).send(Batch(batch, True))
+    refused = sink(ph, Sleeps()).send(make_batch(PH_KEY, batch, True))
     assert [r.index for r in refused] == [17] and refused[0].reason == "posthog_rejected"
     assert len(ph.events) == 39 and len(set(ph.uuids())) == 39
 
 
 def test_413_splits_the_batch_until_it_fits():
     with FakePostHog(PH_KEY, max_body_bytes=30_000) as small:
-        assert sink(small, Sleeps()).send(Batch(events(40), True)) == []
+        assert sink(small, Sleeps()).send(make_batch(PH_KEY, events(40), True)) == []
         assert len(small.events) == 40
         assert 413 in {r.status for r in small.requests}
 
@@ -222,7 +223,7 @@ def test_413_splits_the_batch_until_it_fits():
 def test_wrong_project_key_is_fatal(ph):
     bad = PostHogSink(requests.Session(), ph.base_url, Secret("phc_wrong"), sleep=Sleeps())
     with pytest.raises(AuthError, match="POSTHOG_PROJECT_API_KEY"):
-        bad.send(Batch(events(2), True))
+        bad.send(make_batch("phc_wrong", events(2), True))
     assert not ph.events
 
 

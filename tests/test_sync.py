@@ -7,6 +7,7 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 import orjson
+import pytest
 
 from connector.translate import TranslateContext, translate_record
 
@@ -194,16 +195,21 @@ def test_historical_flag_only_for_hours_older_than_48h(amp, ph, tmp_path):
     assert by_flag[(False, False)] == 0
 
 
-def test_dry_run_prints_events_and_changes_nothing(amp, ph, tmp_path):
-    records = populate(amp, hours=2)
+@pytest.mark.parametrize("hours", [None, 1], ids=["every due hour", "--hours 1"])
+def test_dry_run_previews_exactly_what_sync_sends_and_changes_nothing(amp, ph, tmp_path, hours):
+    populate(amp, hours=3)
     env = connector_env(amp, ph, tmp_path)
-    code, out = run(["sync", "--dry-run"], env)
+    limit = ["--hours", str(hours)] if hours else []
+    code, out = run(["sync", "--dry-run", *limit], env)
     assert code == 0
     printed = [json.loads(line) for line in out.splitlines()]
-    first_hour = expected_events([r for r in records if r["server_upload_time"].startswith("2025-07-01 10")])
-    assert {e["uuid"] for e in printed if e["event"] not in ("$create_alias", "$groupidentify")} == set(first_hour)
     assert not ph.requests, "a dry run sends nothing"
     assert not (tmp_path / "state.sqlite").exists(), "a dry run stores nothing"
+    assert status(env)["cursor"] == START.isoformat()
+    assert run(["sync", *limit], env)[0] == 0
+    assert printed == [dict(e.raw) for e in ph.events], "the same events, in the same order, as the real sync"
+    assert {e.properties["server_upload_time"][:13] for e in delivered(ph)} == (
+        {"2025-07-01 10"} if hours else {"2025-07-01 10", "2025-07-01 11", "2025-07-01 12"})
 
 
 def test_bad_records_are_rejected_listed_and_the_rest_delivered(amp, ph, tmp_path):
@@ -283,3 +289,52 @@ def test_group_properties_reach_the_group_each_time_they_change(amp, ph, tmp_pat
     assert len({e.uuid for e in updates}) == 3
     assert all(e.distinct_id == "$company_acme" and e.properties["$group_key"] == "acme" for e in updates)
     assert all(e.properties["$groups"] == {"company": "acme"} for e in delivered(ph))
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: datetime):
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def test_syncer_delivers_exactly_the_hours_due_by_its_injected_clock(amp, ph, tmp_path):
+    import random
+    import threading
+
+    import requests
+
+    from connector.config import Secret, load_config
+    from connector.export import ExportClient
+    from connector.sink import PostHogSink
+    from connector.sqlite_store import SQLiteStore
+    from connector.sync import Syncer
+    from connector.worker import Translator
+
+    populate(amp, hours=4)
+    config = load_config(connector_env(amp, ph, tmp_path, END_DATE=""))
+    # 15:10 with a 3 h delay: 10:00 and 11:00 are due, 12:00 is not.
+    clock = Clock(START + 5 * HOUR + timedelta(minutes=10))
+    never = lambda seconds: False  # noqa: E731
+    store = SQLiteStore(str(tmp_path / "state.sqlite"))
+    syncer = Syncer(
+        config, store,
+        ExportClient(requests.Session(), config.export_url, Secret(AMP_KEY), Secret(AMP_SECRET), region="US",
+                     sleep=never, rng=random.Random(1)),
+        PostHogSink(requests.Session(), ph.base_url, Secret(PH_KEY), sleep=never),
+        Translator(1, PH_KEY), clock=clock, stop=threading.Event(),
+    )
+    assert syncer.plan().backlog == 2 and store.cursor() is None, "planning stores nothing"
+    reports = syncer.sync_due()
+    assert [r.hour for r in reports] == [START, START + HOUR]
+    assert store.cursor() == START + 2 * HOUR
+    assert [(r.start, r.end) for r in amp.requests] == [("20250701T10", "20250701T11")]
+    assert syncer.sync_due() == [], "nothing more is due at the same time"
+    clock.now += HOUR
+    assert [r.hour for r in syncer.sync_due()] == [START + 2 * HOUR]
+    sent = {e.properties["server_upload_time"][:13] for e in delivered(ph)}
+    assert sent == {"2025-07-01 10", "2025-07-01 11", "2025-07-01 12"}
+    store.close()

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 import orjson
 import pytest
 
+from connector.archive import Block
 from connector.errors import RecordRejected
 from connector.translate import (
     MAX_DEPTH,
@@ -183,14 +184,14 @@ BLOCK_REJECTED = [
 @pytest.mark.parametrize("name, line, reason", BLOCK_REJECTED, ids=[c[0] for c in BLOCK_REJECTED])
 def test_block_rejection_keeps_the_rest(name, line, reason):
     good = orjson.dumps(IOS)
-    result = translate_block(b"\n".join([good, line, good]), CTX)
+    result = translate_block(Block(b"\n".join([good, line, good])), CTX)
     assert [r.reason for r in result.rejections] == [reason]
     assert result.rejections[0].raw == line
     assert result.read == 3 and len(result.events) == 2 and result.lines == [0, 2]
 
 
 def test_ignored_event_types_are_counted_not_rejected():
-    result = translate_block(orjson.dumps(SAMPLES[0]) + b"\n" + orjson.dumps(IOS), CTX)
+    result = translate_block(Block(orjson.dumps(SAMPLES[0]) + b"\n" + orjson.dumps(IOS)), CTX)
     assert result.ignored == 1 and not result.rejections and len(result.events) == 1
     with pytest.raises(Ignored):
         translate_record(SAMPLES[0], CTX)
@@ -198,7 +199,7 @@ def test_ignored_event_types_are_counted_not_rejected():
 
 def test_sample_records_all_translate():
     block = b"\n".join(orjson.dumps(r) for r in SAMPLES)
-    result = translate_block(block, TranslateContext(HOUR))
+    result = translate_block(Block(block), TranslateContext(HOUR))
     assert result.read == len(SAMPLES) and len(result.events) == len(SAMPLES) and not result.rejections
     for data, rec in zip(result.events, SAMPLES):
         event = orjson.loads(data)

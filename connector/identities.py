@@ -1,0 +1,51 @@
+"""Planning person merges and group updates against what was already sent.
+
+A translated block says which device/user pairs and group states it saw
+(`BlockResult.merges`, `.groups`). `plan_identities` looks them up in the
+store's history and returns only what PostHog has not been told yet, as
+serialized events, with what to record once PostHog accepts them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import orjson
+
+from .store import HourWriter
+from .translate import GroupUpdate, Merge, group_event, merge_event, properties_digest
+
+
+@dataclass(frozen=True)
+class IdentityPlan:
+    events: list[bytes] = field(default_factory=list)  # $create_alias, then $groupidentify
+    links: list[tuple[str, str]] = field(default_factory=list)  # (device_id, user_id) to record
+    digests: dict[tuple[str, str], str] = field(default_factory=dict)  # group -> digest to record
+    conflicts: int = 0  # pairs not merged: the device already belongs to another user
+
+
+def plan_identities(merges: list[Merge], groups: list[GroupUpdate], writer: HourWriter) -> IdentityPlan:
+    """Merges for devices never merged before, and updates for groups whose properties changed.
+
+    `merges` holds each pair of a block once, in order of first appearance, with
+    its earliest timestamp. A device already merged into one user is not merged
+    into a second (shared devices, account switches): it counts as a conflict.
+    """
+    if not merges and not groups:
+        return IdentityPlan()
+    first: dict[str, Merge] = {}
+    for merge in merges:
+        first.setdefault(merge.device_id, merge)
+    known = writer.linked_users(first) if first else {}
+    new = [m for device, m in first.items() if device not in known]
+    linked = {**known, **{m.device_id: m.user_id for m in new}}
+    conflicts = sum(1 for m in merges if linked[m.device_id] != m.user_id)
+
+    latest = {(u.group_type, u.group_key): u for u in groups}
+    sent = writer.group_digests(latest) if latest else {}
+    digests = {key: properties_digest(u.properties) for key, u in latest.items()}
+    changed = {key: digest for key, digest in digests.items() if sent.get(key) != digest}
+
+    events = [orjson.dumps(merge_event(m)) for m in new]
+    events += [orjson.dumps(group_event(latest[key], digest)) for key, digest in changed.items()]
+    return IdentityPlan(events, [(m.device_id, m.user_id) for m in new], changed, conflicts)

@@ -1,0 +1,89 @@
+"""The `run` command's loop: sync due hours now and every poll interval, until stopped.
+
+A failing tick is logged, kept as the store's last error and retried on later
+ticks with backoff (poll interval x 2^n, at most one hour); the process keeps
+running. Only configuration errors (and a stop) end the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+import schedule
+
+from .app import App
+from .errors import ConfigError, ConnectorError, Interrupted
+from .health import serve
+from .hours import iso_hour
+
+log = logging.getLogger("connector")
+
+MAX_BACKOFF = timedelta(hours=1)
+
+
+class Service:
+    """One `run`: the schedule, the failure backoff, the health beats."""
+
+    def __init__(self, app: App):
+        self._app = app
+        self._failures = 0
+        self._retry_at: datetime | None = None
+        self._announced_end = False
+
+    def run(self) -> None:
+        """Serve until stopped; raises `Interrupted` on a stop, `ConfigError` when settings are wrong."""
+        app = self._app
+        config = app.config
+        if config.health_port:
+            serve(config.health_port, app.health, app.metrics)
+            log.info("health endpoint listening", extra={"port": config.health_port, "paths": ["/healthz", "/metrics"]})
+        scheduler = schedule.Scheduler()
+        scheduler.every(config.poll_interval.total_seconds()).seconds.do(self.tick)
+        log.info("connector started", extra={"cursor": iso_hour(app.syncer.plan().cursor),
+                                             "poll_interval_s": config.poll_interval.total_seconds()})
+        self.tick()
+        while not app.stopper.event.is_set():
+            scheduler.run_pending()
+            idle = scheduler.idle_seconds
+            app.stopper.sleep(min(idle if idle is not None else 1.0, 5.0))
+        raise Interrupted("stop requested")
+
+    def tick(self) -> None:
+        app = self._app
+        if self._retry_at and app.clock() < self._retry_at:
+            app.health.beat(app.store.last_error())
+            return
+        try:
+            app.syncer.sync_due()
+        except (ConfigError, Interrupted):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the loop must outlive a bug in one tick
+            self._failed(exc)
+        else:
+            if self._failures:
+                app.store.record_error(None)
+            self._failures, self._retry_at = 0, None
+            app.health.beat(None)
+            plan = app.syncer.plan()
+            if plan.finished and not self._announced_end:
+                self._announced_end = True
+                log.info("END_DATE reached: every hour before it is delivered; idling",
+                         extra={"end": iso_hour(plan.cursor)})
+        app.metrics.last_tick.set(app.clock().timestamp())
+
+    def _failed(self, exc: Exception) -> None:
+        app = self._app
+        if not isinstance(exc, ConnectorError):
+            log.exception("unexpected error in a sync tick")
+        self._failures += 1
+        delay = min(app.config.poll_interval * 2 ** (self._failures - 1), MAX_BACKOFF)
+        self._retry_at = app.clock() + delay
+        message = f"{type(exc).__name__}: {exc}"
+        log.error("sync failed; retrying later",
+                  extra={"error": message, "failures": self._failures, "retry_at": self._retry_at.isoformat()})
+        try:
+            app.store.record_error(message)
+        except ConnectorError:
+            log.exception("cannot record the error in the state store")
+        app.health.beat(message)
