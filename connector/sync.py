@@ -180,7 +180,7 @@ class Syncer:
 
     def _send_events(self, translated: TranslatedBlock, writer: HourWriter, counts: HourCounts) -> None:
         first = 0
-        for batch in translated.batches:
+        for batch in translated.batches():
             refused = self._sink.send(batch)
             self._reject(writer, [Rejection(r.reason, r.detail, translated.line_of(first + r.index)) for r in refused],
                          counts)

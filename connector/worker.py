@@ -64,11 +64,17 @@ class TranslatedBlock:
         self.block = block
         self.result = encoded.result
         self._ctx = ctx
+        self._bodies = encoded.bodies
+        self._historical = historical
         self._kept = bool(encoded.result.events) or not encoded.bodies
-        self.batches: list[Batch] = []
+
+    def batches(self) -> Iterator[Batch]:
+        """The block's requests, in order. (Made on demand: a batch refers to this
+        block for its events, and a block holding its batches would be a reference
+        cycle keeping megabytes alive until the cyclic collector runs.)"""
         first = 0
-        for body, count in encoded.bodies:
-            self.batches.append(Batch(body, count, historical, functools.partial(self._events, first, first + count)))
+        for body, count in self._bodies:
+            yield Batch(body, count, self._historical, functools.partial(self._events, first, first + count))
             first += count
 
     @functools.cached_property

@@ -1,13 +1,23 @@
 """A fake PostHog capture endpoint (``POST /batch/``) on 127.0.0.1.
 
 It validates and stores like PostHog (see shared/reference/FACTS.md):
+- Answers as PostHog's Rust capture does (``rust/capture/src/api.rs``,
+  ``CaptureResponse`` and ``impl IntoResponse for CaptureError``): success is
+  200 ``application/json`` ``{"status":"Ok"}``; every error is a plain-text
+  body holding the error's message (``failed to parse request: ...``,
+  ``event submitted without a distinct_id``, ...), never JSON, and never
+  naming the offending event's index.
 - Body: JSON, gzip'd if ``Content-Encoding: gzip`` or it starts with the gzip
-  magic; over ``max_body_bytes`` (20 MiB) raw or decompressed -> 413.
-- ``{"api_key", "batch": [...], "historical_migration"?, "sent_at"?}``. A wrong
-  or missing api_key -> 401 ``invalid_api_key``. Invalid JSON, an empty batch,
-  or ONE invalid event (no non-empty string ``event``; missing/empty
+  magic; over ``max_body_bytes`` (20 MiB) raw or decompressed -> 413
+  ``maximum event size exceeded: ...`` (``rust/capture/src/extractors.rs``).
+- ``{"api_key", "batch": [...], "historical_migration"?, "sent_at"?}``. A
+  missing api_key -> 401 ``event submitted without an api_key``; a wrong one ->
+  401 ``API key is not valid: ...`` (real capture checks only the key's shape
+  and may accept an unknown project key with 200, which ingestion then drops;
+  the fake refuses it so tests can tell the two apart). Invalid JSON, an empty
+  batch, or ONE invalid event (no non-empty string ``event``; missing/empty
   ``distinct_id``; a ``uuid`` that is not a UUID) -> 400 for the whole
-  request, nothing stored. Otherwise 200 ``{"status": 1}``.
+  request, nothing stored. Otherwise 200 ``{"status":"Ok"}``.
 - ``distinct_id`` is stringified (non-strings as JSON, like PostHog's
   ``Value::to_string``) and cut to 200 characters; ``$distinct_id`` and
   ``properties.distinct_id`` are accepted as fallbacks, as PostHog does.
@@ -18,6 +28,9 @@ It validates and stores like PostHog (see shared/reference/FACTS.md):
   ``now`` is ``clock() + clock_skew``, so tests can skew the server's clock.
 - Events over ``max_event_bytes`` (1 MiB, compact JSON) are accepted but
   dropped, as ingestion drops them: they land in ``dropped``.
+- ``/api/...`` requests go to ``api`` (an object with ``handle(method, path,
+  headers, body) -> (status, content_type, body)``; the query API lives in
+  ``posthog_query.py``), or answer 404 when it is None.
 - A tiny person model: ``$identify`` (``properties.$anon_distinct_id``) and
   ``$create_alias`` (``properties.alias``) merge the other id's person INTO
   the event's distinct_id's person; refused when the other person is already
@@ -49,6 +62,7 @@ from ._http import (FakeServer, FaultQueue, QuietHandler, RecordLog, compact_jso
                     interruptible_wait)
 
 CAPTURE_PATHS = ("/batch/", "/batch")
+OK_BODY = b'{"status":"Ok"}'  # CaptureResponse { status: Ok } as serde writes it
 FAULTS = MappingProxyType({  # name -> required keyword arguments
     "status": ("code",), "delay": ("seconds",), "close_connection": ()})
 MAX_BODY_BYTES = 20 * 1024 * 1024
@@ -240,7 +254,7 @@ def _valid_uuid(value: Any) -> str | None:
     try:
         return str(uuidlib.UUID(str(value)))
     except ValueError:
-        raise _BadRequest(f"Invalid uuid: {value!r}") from None
+        raise _BadRequest("failed to parse request: data did not match any variant of untagged enum RawRequest") from None
 
 
 class FakePostHog(FakeServer):
@@ -264,6 +278,7 @@ class FakePostHog(FakeServer):
         self._clock = clock or (lambda: datetime.now(timezone.utc))
         self.max_body_bytes, self.max_event_bytes = max_body_bytes, max_event_bytes
         self.on_request = on_request
+        self.api: Any = None  # the /api/ handler (posthog_query.QueryApi), if any
         self._faults = FaultQueue(FAULTS)
         self._lock = threading.Lock()  # one request's events are ingested as a unit
         self._persons = _Persons()
@@ -328,22 +343,27 @@ class FakePostHog(FakeServer):
         self._faults.inject(fault, times, **kw)
 
     # ---- ingestion -----------------------------------------------------------
-    def _ingest(self, payload: Any) -> tuple[int, dict[str, Any], int, bool | None]:
+    def _ingest(self, payload: Any) -> tuple[int, bytes, int, bool | None]:
         """Validate and store one decoded payload: (status, body, n_events, hm)."""
         if not isinstance(payload, dict):
-            return 400, _error("Malformed request: expected a JSON object"), 0, None
-        if (payload.get("api_key") or payload.get("token")) != self.api_key:
-            return 401, _invalid_api_key(), 0, None
+            return 400, _error("failed to parse request: expected a JSON object"), 0, None
+        token = payload.get("api_key") or payload.get("token")
+        if not token:
+            return 401, _error("event submitted without an api_key"), 0, None
+        if token != self.api_key:
+            return 401, _error("API key is not valid: unknown project API key"), 0, None
         batch, hm = payload.get("batch"), payload.get("historical_migration", False)
-        if not isinstance(batch, list) or not batch:
-            return 400, _error("Malformed request: batch must be a non-empty list"), 0, None
+        if not isinstance(batch, list):
+            return 400, _error("failed to parse request: batch must be a list"), 0, None
+        if not batch:
+            return 400, _error("request holds no event"), 0, None
         if not isinstance(hm, bool):
-            return 400, _error("Malformed request: historical_migration must be a boolean"), 0, None
+            return 400, _error("failed to parse request: historical_migration must be a boolean"), 0, None
         try:
             checked = [_check_event(e, i) for i, e in enumerate(batch)]
             for i, (_, _, event_uuid) in enumerate(checked):
                 if event_uuid in self.refuse_uuids:
-                    raise _BadRequest(f"Invalid event at index {i}: refused by a validation rule")
+                    raise _BadRequest("invalid event could not be processed")
         except _BadRequest as exc:
             return 400, _error(str(exc)), len(batch), hm
         sent_at = payload.get("sent_at")
@@ -357,7 +377,7 @@ class FakePostHog(FakeServer):
                     continue
                 stored.append(self._process(raw, distinct_id, event_uuid, sent_at, hm, now))
             self._events.extend(stored)
-        return 200, {"status": 1}, len(batch), hm
+        return 200, OK_BODY, len(batch), hm
 
     def _process(self, raw: dict, distinct_id: str, event_uuid: str | None, sent_at: Any,
                  hm: bool, now: datetime) -> CapturedEvent:
@@ -383,35 +403,45 @@ class FakePostHog(FakeServer):
             historical_migration=hm, received_at=now, raw=MappingProxyType(raw))
 
 
-def _invalid_api_key() -> dict[str, Any]:
-    return {"type": "authentication_error", "code": "invalid_api_key",
-            "detail": "Project API key invalid. You can find your project API key in "
-                      "PostHog project settings.", "attr": None}
-
-
-def _error(detail: str) -> dict[str, Any]:
-    return {"type": "validation_error", "code": "invalid_payload", "detail": detail, "attr": None}
+def _error(message: str) -> bytes:
+    """A capture error body: the error's message as plain text (rust/capture/src/api.rs)."""
+    return message.encode()
 
 
 def _check_event(raw: Any, index: int) -> tuple[dict, str, str | None]:
     if not isinstance(raw, dict):
-        raise _BadRequest(f"Invalid event at index {index}: not an object")
+        raise _BadRequest("failed to parse request: data did not match any variant of untagged enum RawRequest")
     if not isinstance(raw.get("event"), str) or not raw["event"]:
-        raise _BadRequest(f"Invalid event at index {index}: missing event name")
+        raise _BadRequest("event submitted with an empty event name")
     if raw.get("properties") is not None and not isinstance(raw["properties"], dict):
-        raise _BadRequest(f"Invalid event at index {index}: properties must be an object")
+        raise _BadRequest("failed to parse request: invalid type: properties must be a map")
     distinct_id = _distinct_id(raw)
     if distinct_id is None:
-        raise _BadRequest(f"Invalid event at index {index}: missing distinct_id")
+        raise _BadRequest("event submitted without a distinct_id")
     return raw, distinct_id, _valid_uuid(raw.get("uuid"))
 
 
 class _CaptureHandler(QuietHandler):
     owner: FakePostHog
 
+    def do_GET(self) -> None:
+        self._api("GET", b"")
+
+    def _api(self, method: str, body: bytes) -> None:
+        """Everything under /api/ is the app's API (web:8000 on a hobby deployment)."""
+        api = self.owner.api
+        if api is None or not urlsplit(self.path).path.startswith("/api/"):
+            self.send_bytes(404, b"Not Found")
+            return
+        status, content_type, reply = api.handle(method, self.path, self.headers, body)
+        self.send_bytes(status, reply, content_type)
+
     def do_POST(self) -> None:
         ph = self.owner
         path = urlsplit(self.path).path
+        if path.startswith("/api/"):
+            self._api("POST", self.read_body(ph.max_body_bytes) or b"")
+            return
         if path not in CAPTURE_PATHS:
             self.read_body(ph.max_body_bytes)
             self.send_bytes(404, b"Not Found")
@@ -436,25 +466,26 @@ class _CaptureHandler(QuietHandler):
                 return
         status, reply, n, hm = self._handle(body, encoding)
         self._log(path, status, n, hm, encoding, raw_size)
-        self.send_bytes(status, compact_json(reply), "application/json")
+        self.send_bytes(status, reply, "application/json" if status == 200 else "text/plain; charset=utf-8")
         self.wfile.flush()
 
-    def _handle(self, body: bytes | None, encoding: str | None) -> tuple[int, dict, int, bool | None]:
+    def _handle(self, body: bytes | None, encoding: str | None) -> tuple[int, bytes, int, bool | None]:
         ph = self.owner
+        too_big = f"maximum event size exceeded: Request body exceeds limit of {ph.max_body_bytes} bytes"
         if body is None:
-            return 413, _error("Request body too large"), 0, None
+            return 413, _error(too_big), 0, None
         if (encoding or "").lower() == "gzip" or body[:2] == b"\x1f\x8b":
             inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
             try:
                 body = inflater.decompress(body, ph.max_body_bytes + 1)
             except zlib.error:
-                return 400, _error("Malformed request: invalid gzip body"), 0, None
+                return 400, _error("failed to decode request: invalid gzip data"), 0, None
             if len(body) > ph.max_body_bytes:
-                return 413, _error("Request body too large"), 0, None
+                return 413, _error(too_big), 0, None
         try:
             payload = json.loads(body)
-        except ValueError:  # includes invalid UTF-8
-            return 400, _error("Malformed request: invalid JSON"), 0, None
+        except ValueError as exc:  # includes invalid UTF-8
+            return 400, _error(f"failed to parse request: {exc}"), 0, None
         return ph._ingest(payload)
 
     def _log(self, path: str, status: int | None, n: int, hm: bool | None,
