@@ -17,15 +17,19 @@ from typing import Callable, Sequence, TextIO
 import requests
 from pythonjsonlogger.json import JsonFormatter
 
+from .clock import ServerClock
 from .config import Config
 from .errors import Interrupted
-from .export import ExportClient
+from .export import ExportClient, export_dir, remove_leftovers
 from .health import Health
 from .metrics import Metrics
 from .sink import PostHogSink, PrintSink, RateLimiter
 from .store import DryRunStore, StateStore, open_store
 from .sync import Syncer
 from .worker import Translator, default_workers
+
+
+log = logging.getLogger("connector")
 
 
 def utcnow() -> datetime:
@@ -91,32 +95,47 @@ class Stopper:
 
 
 class App:
-    """The wired parts for `run` and `sync` (a dry run reads the store and prints)."""
+    """The wired parts for `run` and `sync` (a dry run reads the store and prints).
+
+    The hour plan runs on `ServerClock`, fed by the `Date` of every answer from
+    Amplitude and PostHog; health is judged by this machine's own clock.
+    """
 
     def __init__(self, config: Config, stopper: Stopper, *, dry_run: bool = False, out: TextIO = sys.stdout,
-                 clock: Callable[[], datetime] = utcnow):
+                 clock: Callable[[], datetime] = utcnow, tmp_dir: str | None = None):
         self.config = config
         self.stopper = stopper
-        self.clock = clock
+        self.local_clock = clock
+        self.clock = ServerClock(clock)
         self.metrics = Metrics()
         self.health = Health(clock, max(3 * config.poll_interval, timedelta(minutes=15)))
         self.store: StateStore = (
             DryRunStore(open_store(config.state_store_url, readonly=True)) if dry_run else open_store(config.state_store_url)
         )
+        self.tmp_dir = export_dir(tmp_dir)
+        left = remove_leftovers(self.tmp_dir)
+        if left:
+            log.info("removed downloads left by an earlier run", extra={"files": len(left), "dir": self.tmp_dir})
         rng = random.Random()
-        self.export = export_client(config, stopper.sleep, rng,
+        self.export = export_client(config, stopper.sleep, rng, tmp_dir=self.tmp_dir,
                                     on_retry=lambda cause: self.metrics.retries.labels("amplitude", cause).inc(),
-                                    on_bytes=self.metrics.export_bytes.inc)
+                                    on_bytes=self.metrics.export_bytes.inc,
+                                    on_date=lambda served_at: self._observe("amplitude", served_at))
         if dry_run:
             self.sink: PostHogSink | PrintSink = PrintSink(out)
         else:
             self.sink = posthog_sink(config, stopper.sleep, rng,
                                      on_retry=lambda cause: self.metrics.retries.labels("posthog", cause).inc(),
-                                     on_accepted=self.health.beat)
+                                     on_accepted=self.health.beat,
+                                     on_date=lambda served_at: self._observe("posthog", served_at))
         workers = 1 if dry_run else (config.workers or default_workers())
         self.translator = Translator(workers, config.posthog_project_api_key.reveal(), config.batch_size)
-        self.syncer = Syncer(config, self.store, self.export, self.sink, self.translator, clock=clock,
+        self.syncer = Syncer(config, self.store, self.export, self.sink, self.translator, clock=self.clock,
                              stop=stopper.event, metrics=self.metrics, on_progress=self.health.beat)
+
+    def _observe(self, server: str, served_at: datetime) -> None:
+        self.clock.observe(server, served_at)
+        self.metrics.clock_skew.labels(server).set(self.clock.skews()[server])
 
     def close(self) -> None:
         self.translator.close()
@@ -124,10 +143,10 @@ class App:
 
 
 def export_client(config: Config, sleep: Callable[[float], bool], rng: random.Random | None = None,
-                  **callbacks) -> ExportClient:
+                  tmp_dir: str | None = None, **callbacks) -> ExportClient:
     return ExportClient(
         requests.Session(), config.export_url, config.amplitude_api_key, config.amplitude_secret_key,
-        region=config.amplitude_region, sleep=sleep, rng=rng,
+        region=config.amplitude_region, sleep=sleep, rng=rng, tmp_dir=tmp_dir,
         timeout=(10.0, config.export_timeout.total_seconds()), **callbacks,
     )
 

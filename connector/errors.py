@@ -1,19 +1,28 @@
 """The connector's one exception tree, split by what the caller does next.
 
     ConnectorError
-    ├── ConfigError            fix the configuration; the process exits with status 2
-    │   └── AuthError          keys, project key or region are wrong (401/403)
+    ├── ConfigError            fix the configuration; `sync` exits with status 2, `run` after
+    │   │                      the answer persisted (see service.py)
+    │   ├── AuthError          keys, project key or region are wrong (401/403)
+    │   └── WrongEndpoint      a URL reaches something else: a redirect, a 404 that is not
+    │                          Amplitude's or PostHog's (names the variable to fix)
     ├── RetryLater             a transient fault; the same work is retried later
     │   ├── ExportUnavailable  Amplitude answered 429/5xx/timeout/garbage
-    │   └── PostHogUnavailable PostHog answered 429/5xx/timeout or refused the connection
-    ├── OperatorActionNeeded   retrying cannot help; a person must act
+    │   ├── PostHogUnavailable PostHog answered 429/5xx/timeout, refused the connection, or
+    │   │                      answered 200 with something that is not capture's answer
+    │   └── ClockAhead         an hour is due by this machine's clock, not by the servers'
+    ├── OperatorActionNeeded   retrying the same way cannot help; a person must act
     │   ├── HourTooLarge       a single hour is over the Export API's 4 GB limit
-    │   └── StateError         the state store is missing, unwritable, full or locked
+    │   ├── StateError         the state store is missing, unwritable, full or locked
+    │   ├── UnexpectedArchive  an export that does not look like Amplitude's
+    │   └── EndpointRefused    /batch/ refuses requests with answers that are not PostHog's,
+    │                          or refuses every event alone (a proxy's body limit, ...)
     ├── RecordRejected         one record cannot be imported; it is kept with its reason
     └── Interrupted            the process is stopping; the unfinished hour is redone next start
 
 Messages never contain secrets: the classes take only the words they are given,
-and callers build them from names, never from values.
+callers build them from names, never from values, and any excerpt of a server's
+answer goes through `redact.Redactor` first.
 """
 
 from __future__ import annotations
@@ -52,6 +61,10 @@ class AuthError(ConfigError):
     """A service refused our credentials (keys, project key, or Amplitude region)."""
 
 
+class WrongEndpoint(ConfigError):
+    """A configured URL reaches something that is not the service it should be."""
+
+
 class RetryLater(ConnectorError):
     """A transient fault. `retry_after` is the server's hint in seconds, if any."""
 
@@ -69,6 +82,10 @@ class PostHogUnavailable(RetryLater):
     """PostHog did not accept a batch this time."""
 
 
+class ClockAhead(RetryLater):
+    """This machine's clock says an hour is due; the server's `Date` says it is not yet."""
+
+
 class OperatorActionNeeded(ConnectorError):
     """Retrying will not help; the message says what a person must do."""
 
@@ -79,6 +96,14 @@ class HourTooLarge(OperatorActionNeeded):
 
 class StateError(OperatorActionNeeded):
     """The state store cannot be used (missing directory, read-only, disk full, locked)."""
+
+
+class UnexpectedArchive(OperatorActionNeeded):
+    """An export archive does not look like Amplitude's; nothing of its window is used."""
+
+
+class EndpointRefused(OperatorActionNeeded):
+    """PostHog's /batch/ refuses requests in a way that is not PostHog refusing an event."""
 
 
 class RecordRejected(ConnectorError):

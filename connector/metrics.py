@@ -29,6 +29,9 @@ class Metrics:
         self.cursor = Gauge("connector_cursor_timestamp_seconds", "The cursor: first hour not yet delivered", registry=r)
         self.lag = Gauge("connector_lag_seconds", "Now minus the cursor", registry=r)
         self.backlog = Gauge("connector_backlog_hours", "Due hours not yet delivered", registry=r)
+        self.clock_skew = Gauge("connector_clock_skew_seconds",
+                                "How far each server's clock (its answers' Date) is ahead of this machine's",
+                                ["server"], registry=r)
         self.last_tick = Gauge("connector_last_tick_timestamp_seconds", "When the last sync tick finished", registry=r)
         for outcome in ("done", "empty", "failed"):
             self.hours.labels(outcome)

@@ -20,10 +20,11 @@ from typing import Callable
 
 from .archive import Archive
 from .batches import cut, make_batch
+from .clock import TOLERANCE
 from .config import Config
-from .errors import ConnectorError, Interrupted, OperatorActionNeeded
-from .export import ExportClient, Pending
-from .hours import HOUR, Plan, first_cursor, hour_param, hour_range, plan
+from .errors import ClockAhead, ConnectorError, Interrupted, OperatorActionNeeded
+from .export import ExportClient, Pending, Window
+from .hours import HOUR, Plan, due_limit, first_cursor, hour_param, hour_range, plan
 from .identities import plan_identities
 from .metrics import Metrics
 from .sink import Sink
@@ -106,13 +107,23 @@ class Syncer:
                     if ahead is not None:
                         ahead.discard()
                     ahead = self._export.ahead(cursor, min(cursor + (MAX_WINDOW_HOURS - 1) * HOUR, limit - HOUR))
-                archive, last = ahead.result()
+                window = ahead.result()
+                archive, last = window.archive, window.last
                 ahead = None
                 try:
-                    if last + HOUR < limit:
+                    ready = self._due_by_answer(window)
+                    if last + HOUR < limit and ready > last:
                         ahead = self._export.ahead(last + HOUR, min(last + MAX_WINDOW_HOURS * HOUR, limit - HOUR))
-                    for hour in hour_range(cursor, last + HOUR):
+                    for hour in hour_range(cursor, min(ready, last + HOUR)):
                         reports.append(self._deliver(hour, archive))
+                    if ready <= last:
+                        raise ClockAhead(
+                            f"hour {hour_param(max(ready, cursor))} is due by this machine's clock ({self._clock():%Y-%m-%d %H:%M} UTC) "
+                            f"but not by Amplitude's, whose answer is dated {window.served_at:%Y-%m-%d %H:%M} UTC: "
+                            "an hour asked for too early is missing rows for good, so it waits until it is due by "
+                            "both. Check this machine's clock (NTP)",
+                            cause="clock",
+                        )
                 finally:
                     if archive is not None:
                         archive.close()
@@ -122,6 +133,12 @@ class Syncer:
         if self._stop.is_set():
             raise Interrupted("stop requested")
         return reports
+
+    def _due_by_answer(self, window: Window) -> datetime:
+        """The first hour of the window that is not due by the `Date` of Amplitude's own answer."""
+        if window.served_at is None:
+            return window.last + HOUR  # no Date to go by: the planning clock already decided
+        return due_limit(self._config.export_delay, self._config.end_date, window.served_at + TOLERANCE)
 
     def _deliver(self, hour: datetime, archive: Archive | None) -> HourReport:
         if self._stop.is_set():

@@ -73,7 +73,7 @@ def test_transient_export_faults_are_retried_with_backoff(amp, name, fault, kw):
     populate(amp, hours=1)
     amp.inject(fault, **kw)
     sleeps = Sleeps()
-    with export_client(amp, sleeps).download(START, START) as archive:
+    with export_client(amp, sleeps).download(START, START)[0] as archive:
         lines = read_all(archive)
     assert len(lines) == 200
     assert len(amp.requests) == 2 and len(sleeps.calls) == 1
@@ -83,7 +83,7 @@ def test_retry_after_is_honoured(amp):
     populate(amp, hours=1)
     amp.inject("status", code=429, headers={"Retry-After": "7"})
     sleeps = Sleeps()
-    with export_client(amp, sleeps).download(START, START):
+    with export_client(amp, sleeps).download(START, START)[0]:
         pass
     assert sleeps.calls[0] >= 7
 
@@ -92,7 +92,7 @@ def test_a_read_that_stalls_past_the_timeout_is_retried(amp):
     populate(amp, hours=1)
     amp.inject("stall", seconds=3)
     sleeps = Sleeps()
-    with export_client(amp, sleeps, timeout=(2.0, 0.5)).download(START, START) as archive:
+    with export_client(amp, sleeps, timeout=(2.0, 0.5)).download(START, START)[0] as archive:
         assert len(read_all(archive)) == 200
     assert len(sleeps.calls) == 1
 
