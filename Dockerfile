@@ -59,7 +59,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONSAFEPATH=1 \
     PIP_NO_CACHE_DIR=1 \
-    HEALTH_PORT=8000
+    HEALTH_PORT=8000 \
+    HEALTH_HOST=0.0.0.0
 
 RUN groupadd --gid 10001 connector \
  && useradd --uid 10001 --gid 10001 --home-dir /data --no-create-home \

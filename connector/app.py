@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 from datetime import datetime, timedelta, timezone
-from typing import Callable, Sequence, TextIO
+from typing import Callable, TextIO
 
 import requests
 from pythonjsonlogger.json import JsonFormatter
@@ -23,6 +23,7 @@ from .errors import Interrupted
 from .export import ExportClient, export_dir, remove_leftovers
 from .health import Health
 from .metrics import Metrics
+from .redact import Redactor
 from .sink import PostHogSink, PrintSink, RateLimiter
 from .store import DryRunStore, StateStore, open_store
 from .sync import Syncer
@@ -37,26 +38,28 @@ def utcnow() -> datetime:
 
 
 class ScrubbingJsonFormatter(JsonFormatter):
-    """JSON lines; any configured secret that slipped into a message is masked."""
+    """JSON lines; any configured secret that slipped into a message is masked, in any encoding."""
 
-    def __init__(self, secrets: Sequence[str], *args, **kwargs):
+    def __init__(self, redact: Redactor, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # A one- or two-letter test secret would mask every such letter in the log.
-        self._secrets = [s for s in secrets if len(s) >= 4]
+        self._redact = redact
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return self._redact(super().format(record))
 
 
-def configure_logging(level: str, secrets: Sequence[str] = (), stream: TextIO | None = None) -> None:
+def redactor(config: Config) -> Redactor:
+    """Masks every secret of `config`, and the Amplitude keys as the HTTP Basic pair they travel as."""
+    pair = (config.amplitude_api_key.reveal(), config.amplitude_secret_key.reveal())
+    return Redactor(config.secret_values(), [pair])
+
+
+def configure_logging(level: str, redact: Redactor = Redactor(), stream: TextIO | None = None) -> None:
     """JSON lines on standard error (or `stream`), secrets masked."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(
         ScrubbingJsonFormatter(
-            secrets,
+            redact,
             "{asctime}{levelname}{name}{message}",
             style="{",
             rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},

@@ -7,6 +7,19 @@ does not grow with the size of an hour. A line over MAX_LINE_BYTES is never
 held: the block carries it as an `Oversized` (its first bytes and its length),
 and the translation turns it into an ordinary rejection. This module is the
 one place that rule is enforced.
+
+An archive that does not look like Amplitude's fails loudly
+(`UnexpectedArchive`) instead of passing as an empty hour: a data member named
+for an hour outside the requested window, two members with one name, or data
+in another form (`.json`, `.jsonl.gz`, ...) with no `.json.gz` member. Other
+files (a readme) are ignored, as Amplitude's documentation says.
+
+Decompression bombs are bounded by what is really inflated per byte really
+read (a zip's declared sizes are not trusted): kept lines may inflate at most
+MAX_INFLATION times the compressed bytes read so far (above a floor). The
+bytes of an oversized line are skipped, not kept, so they do not count; a
+single line that inflates past MAX_SKIPPED_BYTES ends its member there, as one
+rejected record saying so, and the hour goes on.
 """
 
 from __future__ import annotations
@@ -20,11 +33,13 @@ from typing import Iterator, NamedTuple
 
 from isal import isal_zlib
 
-from .errors import ExportUnavailable
+from .errors import ExportUnavailable, UnexpectedArchive
 
 # JSON compresses about 10x; a member inflating 200x is a decompression bomb.
 MAX_INFLATION = 200
 MIN_INFLATION_ALLOWANCE = 64 * 1024**2
+# A single line is skipped through (cheaply: nothing is kept) up to this size.
+MAX_SKIPPED_BYTES = 1024**3
 # A line longer than this is rejected unread; only its start is kept.
 MAX_LINE_BYTES = 4 * 1024**2
 KEPT_PREFIX_BYTES = 64 * 1024
@@ -37,13 +52,20 @@ _INFLATE_STEP = 4 * _READ_BYTES
 assert _INFLATE_STEP <= MAX_LINE_BYTES
 
 _MEMBER = re.compile(r"_(\d{4}-\d{2}-\d{2})_(\d{1,2})#(\d+)\.json\.gz$")
+# Names that hold data in a form this reader does not take: never silently skipped.
+_OTHER_DATA = re.compile(r"\.(json|jsonl|ndjson)(\.gz|\.zst|\.bz2)?$|\.gz$", re.IGNORECASE)
 
 
 class Oversized(NamedTuple):
-    """A line over MAX_LINE_BYTES: its first KEPT_PREFIX_BYTES and its length."""
+    """A line over MAX_LINE_BYTES: its first KEPT_PREFIX_BYTES and its length.
+
+    `cut_member` names the member when the line ran past MAX_SKIPPED_BYTES and
+    the rest of that member was not read.
+    """
 
     prefix: bytes
     length: int
+    cut_member: str = ""
 
 
 class Block(NamedTuple):
@@ -86,9 +108,31 @@ class Archive:
         self.start = start
         self.end = end
         self._zip = zipfile.ZipFile(path)
-        members = [m for m in (member_of(i.filename) for i in self._zip.infolist() if not i.is_dir()) if m]
+        try:
+            members = self._check([i.filename for i in self._zip.infolist() if not i.is_dir()])
+        except BaseException:
+            self._zip.close()
+            raise
         # Natural order: hour, then the member number (`#10` after `#9`), as Amplitude wrote them.
         self.members = sorted(members, key=lambda m: (m.hour or start, m.seq, m.name))
+
+    def _check(self, names: list[str]) -> list[Member]:
+        """The data members, or UnexpectedArchive saying what does not look like Amplitude's."""
+        window = f"{self.start:%Y-%m-%dT%H}..{self.end:%Y-%m-%dT%H}"
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise UnexpectedArchive(f"the export of {window} holds two members named {duplicates[0]!r}: "
+                                    "not an archive Amplitude writes; nothing of it is used")
+        members = [m for m in map(member_of, names) if m]
+        outside = [m.name for m in members if m.hour is not None and not self.start <= m.hour <= self.end]
+        if outside:
+            raise UnexpectedArchive(f"the export of {window} holds {outside[0]!r}, named for an hour outside it: "
+                                    "nothing of it is used")
+        other = [n for n in names if not n.endswith(".json.gz") and _OTHER_DATA.search(n)]
+        if other and not members:
+            raise UnexpectedArchive(f"the export of {window} holds data in a form Amplitude's exports do not use "
+                                    f"({other[0]!r}) and no .json.gz member: not taken as an empty hour")
+        return members
 
     def members_for(self, hour: datetime) -> list[Member]:
         """The members holding `hour`. A member whose name does not tell its hour
@@ -120,8 +164,7 @@ class Archive:
     def _member_lines(self, member: Member) -> Iterator[bytes | Oversized]:
         """Chunks of whole lines (no trailing newline) of one gzip member, and its oversized lines."""
         info = self._zip.getinfo(member.name)
-        allowance = max(MIN_INFLATION_ALLOWANCE, MAX_INFLATION * max(info.compress_size, info.file_size))
-        inflated = 0
+        read = kept = 0
         carry = b""
         skipping: Oversized | None = None
         try:
@@ -131,6 +174,7 @@ class Archive:
                     chunk = raw.read(_READ_BYTES)
                     if not chunk:
                         break
+                    read += len(chunk)
                     while chunk:
                         data = inflater.decompress(chunk, _INFLATE_STEP)
                         chunk = inflater.unconsumed_tail
@@ -138,17 +182,23 @@ class Archive:
                             # Concatenated gzip streams are one valid gzip file.
                             chunk = inflater.unused_data
                             inflater = isal_zlib.decompressobj(31)
-                        inflated += len(data)
-                        if inflated > allowance:
-                            raise ExportUnavailable(
-                                f"member {member.name} inflates over {allowance} bytes: refusing a decompression bomb",
-                                cause="bad_archive",
-                            )
+                        if not skipping:
+                            kept += len(data)
+                            if kept > max(MIN_INFLATION_ALLOWANCE, MAX_INFLATION * read):
+                                raise ExportUnavailable(
+                                    f"member {member.name} inflates {kept} bytes from {read}: refusing a "
+                                    "decompression bomb", cause="bad_archive",
+                                )
                         cut = data.rfind(b"\n")
                         if cut == -1:
                             # No line ends here: the current line only grows.
                             if skipping:
                                 skipping = Oversized(skipping.prefix, skipping.length + len(data))
+                                if skipping.length > MAX_SKIPPED_BYTES:
+                                    # Past this, reading on costs more than the rest of the member is
+                                    # worth: the line and what follows it are one rejected record.
+                                    yield Oversized(skipping.prefix, skipping.length, member.name)
+                                    return
                             elif len(carry) + len(data) > MAX_LINE_BYTES:
                                 skipping = Oversized((carry + data)[:KEPT_PREFIX_BYTES], len(carry) + len(data))
                                 carry = b""

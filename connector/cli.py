@@ -18,10 +18,11 @@ from datetime import datetime, timezone
 from typing import Sequence, TextIO
 
 from . import allocator
-from .app import App, Stopper, configure_logging, export_client, posthog_sink, utcnow
+from .app import App, Stopper, configure_logging, export_client, posthog_sink, redactor, utcnow
 from .config import Config, load_config
 from .errors import ConfigError, ConnectorError, Interrupted, Problem
 from .hours import HOUR, iso_hour, parse_hour, plan
+from .redact import mask_url
 from .service import Service
 from .sqlite_store import sqlite_path
 from .store import StateStore, open_store
@@ -35,7 +36,8 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
 def cmd_run(config: Config, args: argparse.Namespace, out: TextIO) -> int:
-    app = App(config, args.stopper, out=out)
+    app = App(config, args.stopper, out=out, tmp_dir=args.tmp_dir)
+    _warn(app)
     try:
         Service(app).run()
     finally:
@@ -44,7 +46,8 @@ def cmd_run(config: Config, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_sync(config: Config, args: argparse.Namespace, out: TextIO) -> int:
-    app = App(config, args.stopper, dry_run=args.dry_run, out=out)
+    app = App(config, args.stopper, dry_run=args.dry_run, out=out, tmp_dir=args.tmp_dir)
+    _warn(app)
     try:
         try:
             reports = app.syncer.sync_due(max_hours=args.hours)
@@ -68,8 +71,13 @@ def cmd_sync(config: Config, args: argparse.Namespace, out: TextIO) -> int:
         app.close()
 
 
+def _warn(app: App) -> None:
+    for warning in warnings(app.config, app.store.cursor(), app.local_clock()):
+        log.warning(warning)
+
+
 def status_report(config: Config, store: StateStore, now: datetime) -> dict:
-    """What `status` prints: the plan, totals, rejections by reason and the last error."""
+    """What `status` prints: the plan, totals, rejections by reason, the last error and warnings."""
     stored = store.cursor()
     current = plan(config, stored, now)
     totals = store.totals()
@@ -80,7 +88,17 @@ def status_report(config: Config, store: StateStore, now: datetime) -> dict:
         "totals": totals.counters,
         "rejected_by_reason": totals.rejected_by_reason,
         "last_error": store.last_error(),
+        "warnings": warnings(config, stored, now),
     }
+
+
+def warnings(config: Config, stored: datetime | None, now: datetime) -> list[str]:
+    """Settings that are valid but probably not what the user meant."""
+    found = []
+    if stored is None and config.start_date is not None and config.start_date > now:
+        found.append(f"START_DATE ({config.start_date:%Y-%m-%dT%H}) is in the future: nothing is due before "
+                     f"{config.start_date + HOUR + config.export_delay:%Y-%m-%d %H:%M} UTC")
+    return found
 
 
 def cmd_status(config: Config, args: argparse.Namespace, out: TextIO) -> int:
@@ -120,7 +138,10 @@ def cmd_check(config: Config, args: argparse.Namespace, out: TextIO) -> int:
         "posthog": posthog_sink(config, never).probe(),
         "state": _check_store(config),
     }
-    out.write(json.dumps(results, indent=2) + "\n")
+    for result in results.values():
+        if "url" in result:
+            result["url"] = mask_url(result["url"])
+    out.write(redactor(config)(json.dumps(results, indent=2)) + "\n")
     return EXIT_OK if all(r["ok"] for r in results.values()) else EXIT_FAILED
 
 
@@ -222,14 +243,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_env_file(path: str) -> dict[str, str]:
-    """KEY=VALUE lines as docker's --env-file reads them: no quotes, no expansion, # comments."""
+    """KEY=VALUE lines as docker's --env-file reads them: quotes kept, no expansion, # comments.
+
+    Raises ConfigError naming --env-file when the file cannot be read or is not UTF-8.
+    """
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise ConfigError([Problem("--env-file", f"cannot read --env-file {path}: {exc.strerror}")]) from None
     values = {}
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            line = line.strip()
-            if line and not line.startswith("#") and "=" in line:
-                key, value = line.split("=", 1)
-                values[key.strip()] = value
+    for number, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise ConfigError([Problem("--env-file", f"--env-file {path} is not UTF-8 text (line {number}): "
+                                                     "save it as UTF-8")]) from None
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            values[key.strip()] = value
     return values
 
 
@@ -255,19 +287,17 @@ def main(argv: Sequence[str] | None = None, env: dict | None = None, out: TextIO
     env = dict(os.environ if env is None else env)
     try:
         if args.env_file:
-            try:
-                env = {**read_env_file(args.env_file), **env}
-            except OSError as exc:
-                raise ConfigError([Problem("--env-file", f"cannot read --env-file {args.env_file}: {exc.strerror}")]) from None
+            env = {**read_env_file(args.env_file), **env}
         config = load_config(env)
     except ConfigError as exc:
         report_config_error(exc, err)
         return EXIT_CONFIG
-    configure_logging(config.log_level, config.secret_values(), err)
+    configure_logging(config.log_level, redactor(config), err)
     allocator.tune(allocator.MAIN_MMAP_THRESHOLD)
     os.umask(0o077)  # state, temp exports: owner-only
     command = COMMANDS[args.command][0]
     args.stopper = Stopper()
+    args.tmp_dir = env.get("TMPDIR") or None  # downloads go there, as for any program
     restore = args.stopper.install() if args.command in ("run", "sync") else (lambda: None)
     try:
         return command(config, args, out)

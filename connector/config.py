@@ -38,6 +38,8 @@ REGION_HOSTS = {
     "EU": "https://analytics.eu.amplitude.com",
 }
 _UNITS = {"hours": "Hours", "minutes": "Minutes", "seconds": "Seconds"}
+# A rate cap that makes one request wait longer than this looks hung.
+MAX_WAIT_PER_REQUEST = 600
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,7 @@ class Config:
     max_events_per_second: float
     batch_size: int
     health_port: int | None
+    health_host: str
     workers: int
     log_level: str
 
@@ -224,6 +227,16 @@ def load_config(env: Mapping[str, str], schema: tuple[Setting, ...] | None = Non
     problems: list[Problem] = []
     for setting in schema:
         text = env.get(setting.env, "").strip() or setting.default
+        shown = "the value given" if setting.secret else repr(text)
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            # docker --env-file keeps quotes as part of the value, and so does --env-file here.
+            problems.append(Problem(setting.env, f"{setting.env} is wrapped in quotes ({shown}): an env file keeps "
+                                                 "quotes as part of the value; remove them"))
+            continue
+        if setting.secret and not (text.isascii() and text.isprintable() and " " not in text):
+            problems.append(Problem(setting.env, f"{setting.env} holds a space or a character that is not printable "
+                                                 "ASCII: keys never do; check it was copied whole"))
+            continue
         if not text:
             if setting.required:
                 problems.append(Problem(setting.env, f"{setting.env} is required ({setting.name}) but is not set"))
@@ -237,17 +250,63 @@ def load_config(env: Mapping[str, str], schema: tuple[Setting, ...] | None = Non
         try:
             value = parse(text, setting)
         except ValueError:
-            shown = "the value given" if setting.secret else repr(text)
             problems.append(Problem(setting.env, f"{setting.env} must be {expected(setting)}, got {shown}"))
             continue
         values[setting.field] = Secret(value) if setting.secret else value
 
+    problems += _cross_checks(values)
+    if problems:
+        raise ConfigError(problems)
+    return Config(**values)
+
+
+def _cross_checks(values: dict[str, Any]) -> list[Problem]:
+    """Rules that involve more than one value, or a value's meaning beyond its format."""
+    problems = []
     start, end = values.get("start_date"), values.get("end_date")
     if start and end and end <= start:
         problems.append(Problem(
             "END_DATE",
             f"END_DATE ({end:%Y-%m-%dT%H}) must be after START_DATE ({start:%Y-%m-%dT%H}): it is the first hour not imported",
         ))
-    if problems:
-        raise ConfigError(problems)
-    return Config(**values)
+    base = values.get("amplitude_base_url")
+    if isinstance(base, str) and urlsplit(base).path.rstrip("/").endswith("/api/2/export"):
+        problems.append(Problem("AMPLITUDE_BASE_URL", f"AMPLITUDE_BASE_URL must be the host only: the connector adds "
+                                                      f"/api/2/export itself, got {base!r}"))
+    rate, batch = values.get("max_events_per_second"), values.get("batch_size")
+    if rate is not None and 0 < rate < 1:
+        problems.append(Problem("MAX_EVENTS_PER_SECOND",
+                                f"MAX_EVENTS_PER_SECOND must be 0 (unlimited) or at least 1, got {rate:g}"))
+    elif rate and batch and batch / rate > MAX_WAIT_PER_REQUEST:
+        problems.append(Problem("MAX_EVENTS_PER_SECOND", (
+            f"MAX_EVENTS_PER_SECOND={rate:g} with BATCH_SIZE={batch} makes every request wait {batch / rate:.0f} s "
+            f"(more than {MAX_WAIT_PER_REQUEST} s): raise the rate or lower BATCH_SIZE")))
+    return problems
+
+
+def readme_rows(schema: tuple[Setting, ...] | None = None) -> list[str]:
+    """The README's configuration table rows, generated from the schema."""
+    rows = []
+    for s in schema or load_schema():
+        flags = ", ".join(f for f, on in (("required", s.required), ("secret", s.secret)) if on)
+        default = f"`{s.default}`" if s.default else ""
+        hint = s.hint + (f" Choices: {', '.join(s.choices)}." if s.choices else "")
+        rows.append(f"| `{s.env}` | `{s.key}` | {default} | {flags} | {hint} |")
+    return rows
+
+
+def env_example(schema: tuple[Setting, ...] | None = None) -> str:
+    """`.env.example`, generated from the schema: every variable, secrets blank."""
+    lines = ["# Every variable the connector reads, from plugin.json. Copy to .env and fill in.",
+             "# Secrets are blank on purpose; empty values take the defaults shown."]
+    for s in schema or load_schema():
+        flags = "".join(f" ({f})" for f, on in (("required", s.required), ("secret", s.secret)) if on)
+        lines.append(f"# {s.name}{flags}: {s.hint}")
+        lines.append(f"{s.env}={'' if s.secret else s.default}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m connector.config: print what the README and .env.example hold
+    print("\n".join(readme_rows()))
+    print()
+    print(env_example(), end="")

@@ -8,15 +8,14 @@
     │                          Amplitude's or PostHog's (names the variable to fix)
     ├── RetryLater             a transient fault; the same work is retried later
     │   ├── ExportUnavailable  Amplitude answered 429/5xx/timeout/garbage
-    │   ├── PostHogUnavailable PostHog answered 429/5xx/timeout, refused the connection, or
-    │   │                      answered 200 with something that is not capture's answer
+    │   ├── PostHogUnavailable PostHog answered 429/5xx/timeout or refused the connection
     │   └── ClockAhead         an hour is due by this machine's clock, not by the servers'
     ├── OperatorActionNeeded   retrying the same way cannot help; a person must act
     │   ├── HourTooLarge       a single hour is over the Export API's 4 GB limit
     │   ├── StateError         the state store is missing, unwritable, full or locked
     │   ├── UnexpectedArchive  an export that does not look like Amplitude's
-    │   └── EndpointRefused    /batch/ refuses requests with answers that are not PostHog's,
-    │                          or refuses every event alone (a proxy's body limit, ...)
+    │   └── EndpointRefused    /batch/ answers in words that are not capture's (a login wall's
+    │                          200, a proxy's 400/413), or refuses every event alone
     ├── RecordRejected         one record cannot be imported; it is kept with its reason
     └── Interrupted            the process is stopping; the unfinished hour is redone next start
 

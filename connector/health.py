@@ -42,8 +42,11 @@ class Health:
         return True, body
 
 
-def serve(port: int, health: Health, metrics: Metrics, host: str = "0.0.0.0") -> ThreadingHTTPServer:
-    """Start the HTTP endpoint in a daemon thread; `shutdown()` the returned server to stop it."""
+def serve(port: int, health: Health, metrics: Metrics, host: str = "127.0.0.1") -> ThreadingHTTPServer:
+    """Start the HTTP endpoint in a daemon thread; `shutdown()` the returned server to stop it.
+
+    Raises OSError when the address cannot be bound (in use, not this machine's).
+    """
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)

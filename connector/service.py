@@ -2,7 +2,10 @@
 
 A failing tick is logged, kept as the store's last error and retried on later
 ticks with backoff (poll interval x 2^n, at most one hour); the process keeps
-running. Only configuration errors (and a stop) end the loop.
+running. A service answer that means the configuration is wrong (401/403, a
+redirect, a 404 that is not the service's) may be a restarting server or proxy:
+it is retried the same way, and ends the loop only when it persisted for
+CONFIG_GRACE. A stop ends the loop at once.
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ from datetime import datetime, timedelta
 import schedule
 
 from .app import App
-from .errors import ConfigError, ConnectorError, Interrupted
+from .errors import ConfigError, ConnectorError, Interrupted, Problem
 from .health import serve
 from .hours import iso_hour
 
 log = logging.getLogger("connector")
 
 MAX_BACKOFF = timedelta(hours=1)
+# A PostHog or proxy restarting answers 401/404 for a minute or two; a wrong
+# key or URL answers so for good.
+CONFIG_GRACE = timedelta(minutes=15)
 
 
 class Service:
@@ -29,6 +35,7 @@ class Service:
         self._app = app
         self._failures = 0
         self._retry_at: datetime | None = None
+        self._config_error_since: datetime | None = None
         self._announced_end = False
 
     def run(self) -> None:
@@ -36,8 +43,14 @@ class Service:
         app = self._app
         config = app.config
         if config.health_port:
-            serve(config.health_port, app.health, app.metrics)
-            log.info("health endpoint listening", extra={"port": config.health_port, "paths": ["/healthz", "/metrics"]})
+            try:
+                serve(config.health_port, app.health, app.metrics, config.health_host)
+            except OSError as exc:
+                raise ConfigError([Problem("HEALTH_PORT", (
+                    f"HEALTH_PORT {config.health_port} on HEALTH_HOST {config.health_host} cannot be served: "
+                    f"{exc.strerror or exc} (another process holds it?)"))]) from None
+            log.info("health endpoint listening", extra={"host": config.health_host, "port": config.health_port,
+                                                         "paths": ["/healthz", "/metrics"]})
         scheduler = schedule.Scheduler()
         scheduler.every(config.poll_interval.total_seconds()).seconds.do(self.tick)
         log.info("connector started", extra={"cursor": iso_hour(app.syncer.plan().cursor),
@@ -51,26 +64,32 @@ class Service:
 
     def tick(self) -> None:
         app = self._app
-        if self._retry_at and app.clock() < self._retry_at:
+        if self._retry_at and app.local_clock() < self._retry_at:
             app.health.beat(app.store.last_error())
             return
         try:
             app.syncer.sync_due()
-        except (ConfigError, Interrupted):
+        except Interrupted:
             raise
+        except ConfigError as exc:
+            now = app.local_clock()
+            self._config_error_since = self._config_error_since or now
+            if now - self._config_error_since >= CONFIG_GRACE:
+                raise
+            self._failed(exc)
         except Exception as exc:  # noqa: BLE001 - the loop must outlive a bug in one tick
             self._failed(exc)
         else:
             if self._failures:
                 app.store.record_error(None)
-            self._failures, self._retry_at = 0, None
+            self._failures, self._retry_at, self._config_error_since = 0, None, None
             app.health.beat(None)
             plan = app.syncer.plan()
             if plan.finished and not self._announced_end:
                 self._announced_end = True
                 log.info("END_DATE reached: every hour before it is delivered; idling",
                          extra={"end": iso_hour(plan.cursor)})
-        app.metrics.last_tick.set(app.clock().timestamp())
+        app.metrics.last_tick.set(app.local_clock().timestamp())
 
     def _failed(self, exc: Exception) -> None:
         app = self._app
@@ -78,7 +97,7 @@ class Service:
             log.exception("unexpected error in a sync tick")
         self._failures += 1
         delay = min(app.config.poll_interval * 2 ** (self._failures - 1), MAX_BACKOFF)
-        self._retry_at = app.clock() + delay
+        self._retry_at = app.local_clock() + delay
         message = f"{type(exc).__name__}: {exc}"
         log.error("sync failed; retrying later",
                   extra={"error": message, "failures": self._failures, "retry_at": self._retry_at.isoformat()})

@@ -17,7 +17,7 @@ older PostHog: a JSON `validation_error`).
 | answer                                        | meaning                                                  |
 |-----------------------------------------------|----------------------------------------------------------|
 | 200 with capture's success JSON               | accepted                                                 |
-| 200 with anything else (HTML, empty, ...)     | `PostHogUnavailable`: not capture (a login wall, a default site); retry |
+| 200 with anything else (HTML, empty, ...)     | `EndpointRefused`: not capture (a login wall, a default site); stop, keep the cursor |
 | 400 / 413 in capture's own words              | split in halves until the offending events are alone; those are refused, the rest delivered |
 | 400 / 413 in other words (a proxy's page)     | `EndpointRefused`: stop, keep the cursor (a proxy's limits; BATCH_SIZE) |
 | every event of a batch refused alone          | `EndpointRefused`: PostHog (or a proxy) refuses everything |
@@ -216,10 +216,10 @@ class PostHogSink:
         if status == 200:
             if capture_accepted(response):
                 return 200, ""
-            raise PostHogUnavailable(
+            raise EndpointRefused(
                 f"{self._url} answered 200 with something that is not PostHog's capture answer "
-                f"({self._describe(response)}): a login wall or another site in front of PostHog?",
-                cause="not_posthog",
+                f"({self._describe(response)}): a login wall or another site in front of PostHog? Nothing counts "
+                "as delivered; the cursor stays"
             )
         if status in (400, 413):
             words = capture_refusal(response)

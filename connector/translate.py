@@ -512,8 +512,11 @@ def translate_block(block: Block, ctx: TranslateContext) -> BlockResult:
     result = BlockResult()
     for oversized in block.oversized:
         result.read += 1
-        result.rejections.append(Rejection("too_large", f"the line is {oversized.length} bytes, over {MAX_LINE_BYTES}",
-                                           oversized.prefix))
+        detail = f"the line is {oversized.length} bytes, over {MAX_LINE_BYTES}"
+        if oversized.cut_member:
+            detail = (f"a line inflates past {oversized.length} bytes (a decompression bomb?); the rest of member "
+                      f"{oversized.cut_member} was not read")
+        result.rejections.append(Rejection("too_large", detail, oversized.prefix))
     merges: dict[tuple[str, str], Merge] = {}
     groups: dict[tuple[str, str], GroupUpdate] = {}
     loads, dumps = orjson.loads, orjson.dumps

@@ -9,6 +9,8 @@ worker busy while the main process sends. What a worker runs,
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import gc
 import math
@@ -101,7 +103,8 @@ class Translator:
         self._batch_size = batch_size
         self._workers = workers
         self._pool = (
-            ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=init_worker)
+            ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=init_worker,
+                                initargs=(os.getpid(),))
             if workers > 1
             else None
         )
@@ -172,7 +175,23 @@ def _cgroup_cpus(root: str) -> float | None:
         return None
 
 
-def init_worker() -> None:
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> bool:
+    """Ask Linux to SIGKILL this process when its parent dies (a SIGKILLed main process
+    would otherwise leave its workers, and the resource tracker they keep alive, running).
+    False where the C library has no prctl."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def init_worker(parent: int | None = None) -> None:
+    if die_with_parent() and parent is not None and os.getppid() != parent:
+        os._exit(0)  # the parent died before the request to follow it took effect
     # The parent decides when to stop; workers must not die mid-block on Ctrl-C.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -201,3 +201,38 @@ def test_a_setting_marked_secret_in_the_schema_is_masked_without_code_changes():
     assert isinstance(config.amplitude_base_url, Secret)
     assert "pw-123" not in repr(config)
     assert "https://user:pw-123@proxy.example.com" in config.secret_values()
+
+
+def test_readme_table_and_env_example_are_exactly_what_the_schema_generates():
+    from connector.config import env_example, readme_rows
+
+    readme = (ROOT / "README.md").read_text().splitlines()
+    assert [line for line in readme if re.match(r"\| `[A-Z_]+` \| `\w+` \|", line)] == readme_rows(), (
+        "regenerate with: python -m connector.config")
+    assert (ROOT / ".env.example").read_text() == env_example()
+
+
+# Values users get wrong in an env file: each named, exit 2, never a traceback.
+CARELESS = [
+    ("double quotes kept by the env file", "POSTHOG_HOST", '"https://posthog.example.com"', "quotes"),
+    ("single quotes kept by the env file", "START_DATE", "'2025-07-01'", "quotes"),
+    ("quotes around a secret, not echoed", "AMPLITUDE_SECRET_KEY", '"s3cret-value"', "quotes"),
+    ("infinite number", "EXPORT_DELAY_HOURS", "inf", "EXPORT_DELAY_HOURS"),
+    ("not a number", "POLL_INTERVAL_MINUTES", "nan", "POLL_INTERVAL_MINUTES"),
+    ("a rate cap below one event a second", "MAX_EVENTS_PER_SECOND", "0.001", "at least 1"),
+    ("a rate cap that makes each request wait", "MAX_EVENTS_PER_SECOND", "2", "wait"),
+    ("a non-ASCII character in a key", "POSTHOG_PROJECT_API_KEY", "phc_kéy", "ASCII"),
+    ("a space inside a key", "AMPLITUDE_API_KEY", "amp key", "ASCII"),
+    ("the export path in the base URL", "AMPLITUDE_BASE_URL", "https://amplitude.com/api/2/export", "host only"),
+    ("a port out of range", "HEALTH_PORT", "70000", "HEALTH_PORT"),
+]
+
+
+@pytest.mark.parametrize("name, variable, value, words", CARELESS, ids=[c[0] for c in CARELESS])
+def test_values_users_get_wrong_are_named_clearly(name, variable, value, words):
+    with pytest.raises(ConfigError) as info:
+        load_config({**VALID, variable: value})
+    [problem] = [p for p in info.value.problems if p.variable == variable]
+    assert words in problem.text
+    if variable in SECRETS or "KEY" in variable:
+        assert value.strip('"') not in problem.text

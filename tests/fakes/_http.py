@@ -13,6 +13,7 @@ Contracts:
 
 from __future__ import annotations
 
+import email.utils
 import socket
 import struct
 import sys
@@ -156,13 +157,23 @@ class _Server(ThreadingHTTPServer):
 
 
 class QuietHandler(BaseHTTPRequestHandler):
-    """HTTP/1.1 keep-alive handler with helpers; logs nothing to stderr."""
+    """HTTP/1.1 keep-alive handler with helpers; logs nothing to stderr.
+
+    The `Date` header follows the owner's clock when it has one (`owner.now()`),
+    so a test can skew a server's clock as a misconfigured host would be.
+    """
 
     protocol_version = "HTTP/1.1"  # keep-alive: every response sets Content-Length
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass  # tests read the fakes' own logs, not stderr noise
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        now = getattr(self.owner, "now", None)
+        if timestamp is None and callable(now):
+            return email.utils.format_datetime(now(), usegmt=True)
+        return super().date_time_string(timestamp)
 
     @property
     def owner(self) -> Any:

@@ -103,8 +103,9 @@ class FakeAmplitude(FakeServer):
     def __init__(self, api_key: str = "amp-api-key", secret_key: str = "amp-secret-key", *,
                  project_id: int = 636686, max_hours_per_request: int | None = None,
                  too_large_hours: Iterable[datetime] = (), compresslevel: int = 1,
-                 port: int = 0):
+                 clock_skew: timedelta = timedelta(0), port: int = 0):
         super().__init__(port)
+        self.clock_skew = clock_skew  # how far this server's clock (its Date header) is off
         self.api_key, self.secret_key, self.project_id = api_key, secret_key, project_id
         self.max_hours_per_request = max_hours_per_request
         self.too_large_hours = {utc_hour(h) for h in too_large_hours}
@@ -189,6 +190,10 @@ class FakeAmplitude(FakeServer):
         if not count:
             path.unlink()
         return count
+
+    def now(self) -> datetime:
+        """The server's (skewed) clock, as its answers' Date header shows it."""
+        return datetime.now(timezone.utc) + self.clock_skew
 
     def hours(self) -> list[datetime]:
         """Hours that have data, sorted."""
