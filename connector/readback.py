@@ -418,7 +418,7 @@ class PostHogQuery:
                     f"{self._host} answered 404 for PostHog's API: set {API_HOST_VAR} to PostHog's app/API address "
                     "(on hobby, http://web:8000 or the proxy; capture on :3000 serves no /api/)"))])
             return ConfigError([Problem(PROJECT_ID_VAR, (
-                f"PostHog has no {self._project_text()} for this personal API key (404{said}): "
+                f"PostHog found no {self._project_text()} for this personal API key (404{said}): "
                 f"set {PROJECT_ID_VAR} to the id of the project POSTHOG_PROJECT_API_KEY belongs to"))])
         if status == 400:
             return OperatorActionNeeded(
@@ -439,16 +439,17 @@ class PostHogQuery:
             return AuthError([Problem(PERSONAL_KEY_VAR, (
                 f"the personal API key ({PERSONAL_KEY_VAR}) lacks the scope {scope.group(1)} (403): create a key "
                 f"with {scope.group(1)}"))])
-        if "access to the requested project" in detail or "access to the project" in detail:
+        if any(phrase in detail for phrase in (
+                "access to the requested project", "access to the project", "access to the requested organization")):
             return ConfigError([Problem(PROJECT_ID_VAR, (
-                f"the personal API key may not read {self._project_text()} (403: {detail}): check "
+                f"the personal API key may not read the {self._project_text()} (403: {detail}): check "
                 f"{PROJECT_ID_VAR}, or use a key of a member of that project that is not scoped away from it"))])
         return AuthError([Problem(PERSONAL_KEY_VAR, (
             f"PostHog refused the personal API key (403{': ' + detail if detail else ''}): check "
             f"{PERSONAL_KEY_VAR} and {PROJECT_ID_VAR}"))])
 
     def _project_text(self) -> str:
-        return f"project {self._project_id}" if self._project_id is not None else "its current project"
+        return f"project {self._project_id}" if self._project_id is not None else "current project of the key's user"
 
     def _redirect_text(self, answer: _Answer) -> str:
         location = answer.headers.get("Location", "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import socket
 import uuid as uuidlib
 from datetime import date, datetime, timedelta, timezone
 
@@ -12,8 +13,8 @@ import requests
 from connector import readback
 from connector.config import Secret
 from connector.errors import AuthError, ConfigError, OperatorActionNeeded, RetryLater
-from connector.readback import (HOUR_COUNTS_QUERY, ROW_LIMIT, Counts, PostHogQuery, QueryUnavailable,
-                                export_hour_value)
+from connector.readback import (HOUR_COUNTS_QUERY, PERSONS_QUERY, ROW_LIMIT, Counts, PostHogQuery,
+                                QueryUnavailable, export_hour_value)
 from connector.retry import Backoff
 from tests.fakes._http import FakeServer, QuietHandler, RecordLog
 from tests.fakes.posthog_query import Project, QueryApi
@@ -216,7 +217,7 @@ DISCOVERY_FAILURES = [
     ("the key lacks project:read", {"scopes": ("query:read",)}, "project:read"),
     ("a scoped key whose current project is another", {
         "scoped_teams": (1,), "current_project_id": 2, "other_projects": (Project(2, "B", "phc_b"),)},
-     "may not read its current project"),
+     "may not read the current project of the key's user"),
 ]
 
 
@@ -261,7 +262,7 @@ def test_a_project_the_key_may_not_read_is_a_config_error_naming_the_project_id(
     with pytest.raises(ConfigError) as caught:
         client(ph, project_id=project_id).hour_counts([H10], [JUL1])
     assert not isinstance(caught.value, AuthError)
-    assert caught.value.problems[0].variable == "POSTHOG_PROJECT_ID" and f"project {project_id}" in str(caught.value)
+    assert caught.value.problems[0].variable == "POSTHOG_PROJECT_ID" and f"project {project_id} " in str(caught.value)
 
 
 def test_throttling_waits_as_long_as_posthogs_detail_says(ph, qa):
@@ -288,12 +289,26 @@ def test_a_server_error_is_retried(ph, qa):
     assert len(sleeps.waits) == 1 and [r.status for r in qa.requests] == [503, 200]
 
 
+def test_a_server_that_never_answers_times_out_as_unavailable(ph):
+    with socket.socket() as silent:  # listens, so the connection is made, but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        host = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(QueryUnavailable) as caught:
+            client(ph, host=host, attempts=1, timeout=0.3).hour_counts([H10], [JUL1])
+    assert caught.value.cause == "timeout"
+
+
 def test_a_refused_connection_is_unavailable_not_a_config_error(ph):
     with Scripted(200) as gone:
         host = gone.base_url
     with pytest.raises(QueryUnavailable) as caught:
         client(ph, host=host, attempts=2).hour_counts([H10], [JUL1])
     assert caught.value.cause == "connection"
+
+
+def test_the_queries_limit_is_the_one_the_truncation_check_counts_against():
+    assert HOUR_COUNTS_QUERY.endswith(f"LIMIT {ROW_LIMIT}") and PERSONS_QUERY.endswith(f"LIMIT {ROW_LIMIT}")
 
 
 TRUNCATED = [
