@@ -25,6 +25,8 @@ class Metrics:
         )
         self.hours = Counter("connector_hours", "Hours finished, by outcome", ["outcome"], registry=r)
         self.export_bytes = Counter("connector_export_bytes", "Bytes of export archives downloaded", registry=r)
+        self.errors = Counter("connector_errors", "Sync attempts that failed, by error (the cursor stayed)", ["error"],
+                              registry=r)
         self.retries = Counter("connector_retries", "Retries, by service and cause", ["service", "cause"], registry=r)
         self.cursor = Gauge("connector_cursor_timestamp_seconds", "The cursor: first hour not yet delivered", registry=r)
         self.lag = Gauge("connector_lag_seconds", "Now minus the cursor", registry=r)

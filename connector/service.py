@@ -96,6 +96,7 @@ class Service:
         if not isinstance(exc, ConnectorError):
             log.exception("unexpected error in a sync tick")
         self._failures += 1
+        app.metrics.errors.labels(type(exc).__name__).inc()
         delay = min(app.config.poll_interval * 2 ** (self._failures - 1), MAX_BACKOFF)
         self._retry_at = app.local_clock() + delay
         message = f"{type(exc).__name__}: {exc}"

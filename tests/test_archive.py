@@ -130,3 +130,51 @@ def test_close_deletes_the_temporary_file(tmp_path):
     path = write_zip(tmp_path / "a.zip", {"1/1_2025-07-01_9#1.json.gz": gzip.compress(b"x")})
     Archive(path, 0, H9, H9).close()
     assert not (tmp_path / "a.zip").exists()
+
+
+def _falsify_declared_sizes(path, size: int) -> None:
+    """Rewrite every size the zip declares (local and central headers) to `size`."""
+    import struct
+
+    data = bytearray(open(path, "rb").read())
+    for magic, offsets in ((b"PK\x03\x04", (18, 22)), (b"PK\x01\x02", (20, 24))):
+        at = data.find(magic)
+        while at != -1:
+            for offset in offsets[1:]:  # uncompressed size; the compressed size must stay true to be readable
+                struct.pack_into("<I", data, at + offset, size)
+            at = data.find(magic, at + 4)
+    open(path, "wb").write(bytes(data))
+
+
+def test_a_bomb_with_a_falsified_declared_size_is_bounded_by_bytes_actually_inflated(tmp_path, monkeypatch):
+    monkeypatch.setattr(archive_module, "MIN_INFLATION_ALLOWANCE", 1000)
+    bomb = gzip.compress(b"\n" * 10_000_000)  # ~10 KB inflating 1000x
+    path = write_zip(tmp_path / "a.zip", {"1/1_2025-07-01_9#1.json.gz": bomb})
+    _falsify_declared_sizes(path, 0xFFFFFFF0)  # "4 GB": the old guard allowed 200x that
+    with Archive(path, 0, H9, H9) as archive:
+        with pytest.raises(ExportUnavailable, match="bomb"):
+            lines_of(archive, H9)
+
+
+def test_a_single_line_bomb_is_one_rejected_record_and_the_hour_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(archive_module, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(archive_module, "_INFLATE_STEP", 1000)
+    monkeypatch.setattr(archive_module, "MIN_INFLATION_ALLOWANCE", 10_000)
+    monkeypatch.setattr(archive_module, "MAX_SKIPPED_BYTES", 2_000_000)
+    line_bomb = gzip.compress(b"kept-1\n" + b"a" * 50_000_000 + b"\nafter")  # one line inflating ~1000x
+    members = {"1/1_2025-07-01_9#1.json.gz": line_bomb, "1/1_2025-07-01_9#2.json.gz": gzip.compress(b"kept-2")}
+    with Archive(write_zip(tmp_path / "a.zip", members), 0, H9, H9) as archive:
+        got = lines_of(archive, H9)
+    [oversized] = [g for g in got if isinstance(g, Oversized)]
+    assert oversized.cut_member == "1/1_2025-07-01_9#1.json.gz" and oversized.length > 2_000_000
+    assert [g for g in got if not isinstance(g, Oversized)] == [b"kept-1", b"kept-2"], "the next member is read"
+
+
+def test_a_cut_member_becomes_a_rejection_saying_so():
+    from connector.archive import Block
+    from connector.translate import TranslateContext, translate_block
+
+    result = translate_block(Block(b"", (Oversized(b"aaaa", 3_000_000_000, "1/x#1.json.gz"),)), TranslateContext(H9))
+    [rejection] = result.rejections
+    assert rejection.reason == "too_large" and "rest of member 1/x#1.json.gz was not read" in rejection.detail
+    assert result.read == 1

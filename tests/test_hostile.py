@@ -336,13 +336,18 @@ def test_a_full_tmpdir_is_the_last_error_and_the_cursor_stays(amp, ph, tmp_path)
 # -- services that restart -----------------------------------------------------------
 
 def test_a_transient_401_does_not_end_run(amp, ph, tmp_path):
+    from .test_process import free_port, get
+
     populate(amp, hours=1)
     ph.inject("status", code=401, body="API key is not valid: restarting")
-    env = connector_env(amp, ph, tmp_path, END_DATE=ONE_HOUR, POLL_INTERVAL_MINUTES="0.05", LOG_LEVEL="INFO")
+    port = free_port()
+    env = connector_env(amp, ph, tmp_path, END_DATE=ONE_HOUR, POLL_INTERVAL_MINUTES="0.05", LOG_LEVEL="INFO",
+                        HEALTH_PORT=str(port))
     proc = spawn(["run"], env)
     try:
         ph.wait_for_events(10, timeout=60)
         assert proc.poll() is None, "run kept going after one 401"
+        assert 'connector_errors_total{error="AuthError"} 1.0' in get(f"http://127.0.0.1:{port}/metrics")[1]
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -483,3 +488,13 @@ def test_a_surprising_archive_fails_loudly_and_keeps_the_cursor(ph, tmp_path, na
         state = nothing_moved(env)
         assert words in state["last_error"] and state["totals"]["hours_empty"] == 0
         assert not ph.events
+
+
+def test_check_prints_urls_with_passwords_masked(ph, tmp_path):
+    with Front(Reply(404, b"Raw data files were not found.", "text/plain")) as amp_front:
+        base = amp_front.base_url.replace("http://", "http://proxyuser:pr0xy-pass-77@")
+        env = connector_env(amp_front, ph, tmp_path, AMPLITUDE_BASE_URL=base)
+        code, out = run(["check"], env)
+    result = json.loads(out)["amplitude"]
+    assert code == 0 and result["ok"] is True
+    assert "pr0xy-pass-77" not in out and "proxyuser:***@" in result["url"]
