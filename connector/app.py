@@ -23,7 +23,9 @@ from .errors import Interrupted
 from .export import ExportClient, export_dir, remove_leftovers
 from .health import Health
 from .metrics import Metrics
+from .readback import PostHogQuery
 from .redact import Redactor
+from .verify import Verifier
 from .sink import PostHogSink, PrintSink, RateLimiter
 from .store import DryRunStore, StateStore, open_store
 from .sync import Syncer
@@ -135,6 +137,7 @@ class App:
         self.translator = Translator(workers, config.posthog_project_api_key.reveal(), config.batch_size)
         self.syncer = Syncer(config, self.store, self.export, self.sink, self.translator, clock=self.clock,
                              stop=stopper.event, metrics=self.metrics, on_progress=self.health.beat)
+        self.verifier = verifier(config, self.store, self.clock, stopper.sleep) if not dry_run else None
 
     def _observe(self, server: str, served_at: datetime) -> None:
         self.clock.observe(server, served_at)
@@ -161,3 +164,16 @@ def posthog_sink(config: Config, sleep: Callable[[float], bool], rng: random.Ran
         timeout=config.posthog_timeout.total_seconds(),
         limiter=RateLimiter(config.max_events_per_second, sleep=sleep), **callbacks,
     )
+
+
+def verifier(config: Config, store: StateStore, clock: Callable[[], datetime],
+             sleep: Callable[[float], bool]) -> Verifier | None:
+    """The read-back of delivered hours, when a personal API key is configured."""
+    if not config.posthog_personal_api_key:
+        return None
+    query = PostHogQuery(
+        requests.Session(), config.api_host, config.posthog_personal_api_key,
+        project_api_key=config.posthog_project_api_key, project_id=config.posthog_project_id,
+        sleep=sleep, timeout=max(120.0, config.posthog_timeout.total_seconds()),
+    )
+    return Verifier(store, query, clock, config.verify_grace)

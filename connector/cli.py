@@ -14,14 +14,14 @@ import json
 import logging
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Sequence, TextIO
 
 from . import allocator
 from .app import App, Stopper, configure_logging, export_client, posthog_sink, redactor, utcnow
 from .config import Config, load_config
 from .errors import ConfigError, ConnectorError, Interrupted, Problem
-from .hours import HOUR, iso_hour, parse_hour, plan
+from .hours import HOUR, hour_range, iso_hour, parse_hour, plan
 from .redact import mask_url
 from .service import Service
 from .sqlite_store import sqlite_path
@@ -88,7 +88,22 @@ def status_report(config: Config, store: StateStore, now: datetime) -> dict:
         "totals": totals.counters,
         "rejected_by_reason": totals.rejected_by_reason,
         "last_error": store.last_error(),
+        "verification": verification_summary(store) if config.posthog_personal_api_key else None,
         "warnings": warnings(config, stored, now),
+    }
+
+
+def verification_summary(store: StateStore) -> dict:
+    """The read-back so far: hours by their last verdict, events missing, the last whole hour."""
+    verdicts = list(store.verdicts().values())
+    whole = [v.hour for v in verdicts if v.state == "whole"]
+    delivered = len(store.deliveries())
+    return {
+        "hours_verified": len(whole),
+        "hours_short": sum(v.state == "short" for v in verdicts),
+        "hours_pending": delivered - len(whole) - sum(v.state == "short" for v in verdicts),
+        "events_missing": sum(v.missing for v in verdicts if v.state == "short"),
+        "last_verified_hour": max(whole).isoformat() if whole else None,
     }
 
 
@@ -143,6 +158,154 @@ def cmd_check(config: Config, args: argparse.Namespace, out: TextIO) -> int:
             result["url"] = mask_url(result["url"])
     out.write(redactor(config)(json.dumps(results, indent=2)) + "\n")
     return EXIT_OK if all(r["ok"] for r in results.values()) else EXIT_FAILED
+
+
+NO_READ_BACK = Problem("POSTHOG_PERSONAL_API_KEY", (
+    "verify reads back from PostHog's query API: set POSTHOG_PERSONAL_API_KEY to a personal API key with the "
+    "query:read scope (and project:read, or set POSTHOG_PROJECT_ID), and POSTHOG_API_HOST when PostHog's API is "
+    "not at POSTHOG_HOST (on a self-hosted PostHog: http://web:8000 or the proxy)"))
+
+
+def _hour_arg(text: str | None, flag: str) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return parse_hour(text)
+    except ValueError:
+        raise ConfigError([Problem(flag, f"{flag} must be an hour such as 2025-07-01T10, got {text!r}")]) from None
+
+
+def cmd_verify(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    """Compare every delivered hour in the range with what PostHog holds; optionally repair."""
+    if not config.posthog_personal_api_key:
+        raise ConfigError([NO_READ_BACK])
+    start, stop = _hour_arg(args.start, "--from"), _hour_arg(args.stop, "--to")
+    if args.repair:
+        return _verify_then_repair(config, args, out, start, stop)
+    store = _writer_or_reader(config)
+    try:
+        verifier = verifier_for(config, store, args)
+        verdicts = verifier.verify(store.deliveries(start, stop))
+        _record(store, verdicts)
+        persons = verifier.check_persons(args.persons) if args.persons else None
+    finally:
+        store.close()
+    _print_verdicts(verdicts, persons, out, args.json)
+    return EXIT_FAILED if any(v.state == "short" for v in verdicts) or (persons and persons.not_merged) else EXIT_OK
+
+
+def cmd_repair(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    """Re-import exactly these delivered hours (same uuids), then verify them again."""
+    first, _, last = args.hours.partition("..")
+    start, end = _hour_arg(first, "--hours"), _hour_arg(last or first, "--hours")
+    assert start is not None and end is not None
+    if end < start:
+        raise ConfigError([Problem("--hours", f"--hours {args.hours}: the second hour is before the first")])
+    return _repair(config, args, out, list(hour_range(start, end + HOUR)))
+
+
+def _verify_then_repair(config: Config, args: argparse.Namespace, out: TextIO, start, stop) -> int:
+    store = open_store(config.state_store_url, readonly=True)
+    try:
+        verifier = verifier_for(config, store, args)
+        short = [v.hour for v in verifier.verify(store.deliveries(start, stop)) if v.state == "short"]
+    finally:
+        store.close()
+    if not short:
+        log.info("verify --repair: no hour is short")
+    return _repair(config, args, out, short)
+
+
+def _repair(config: Config, args: argparse.Namespace, out: TextIO, hours: list[datetime]) -> int:
+    app = App(config, args.stopper, out=out, tmp_dir=args.tmp_dir)  # the writer: refuses while `run` holds the state
+    try:
+        if app.verifier is None:
+            raise ConfigError([NO_READ_BACK])
+        if getattr(args, "grace_minutes", None) is not None:
+            app.verifier.grace = timedelta(minutes=args.grace_minutes)
+        if hours:
+            reports = app.syncer.redeliver(hours)
+            log.info("repaired", extra={"hours": len(reports), "events_sent": sum(r.counts.events_sent for r in reports)})
+            earlier = app.store.verdicts(min(hours), max(hours) + HOUR)
+            app.store.record_verdicts([_repaired(earlier.get(r.hour), r.hour, app.clock()) for r in reports])
+        delivered = [d for d in app.store.deliveries() if d.hour in set(hours)]
+        verdicts = app.verifier.verify(delivered)
+        _record(app.store, verdicts)
+    finally:
+        app.close()
+    _print_verdicts(verdicts, None, out, args.json)
+    return EXIT_FAILED if any(v.state == "short" for v in verdicts) else EXIT_OK
+
+
+def _repaired(previous, hour: datetime, now: datetime):
+    from .store import Verdict
+
+    repairs = previous.repairs + 1 if previous else 1
+    return Verdict(hour, "pending", 0, 0, 0, 0, 0, now, repairs)
+
+
+def _writer_or_reader(config: Config) -> StateStore:
+    """The store as its writer when free (verdicts are then recorded), else read-only next to `run`."""
+    try:
+        return open_store(config.state_store_url)
+    except ConnectorError:
+        return open_store(config.state_store_url, readonly=True)
+
+
+def _record(store: StateStore, verdicts) -> None:
+    try:
+        store.record_verdicts(verdicts)
+    except ConnectorError:
+        pass  # read-only next to a running connector, which records its own
+
+
+def verifier_for(config: Config, store: StateStore, args: argparse.Namespace):
+    from .app import verifier
+
+    found = verifier(config, store, utcnow, args.stopper.sleep)
+    assert found is not None
+    if args.grace_minutes is not None:
+        found.grace = timedelta(minutes=args.grace_minutes)
+    return found
+
+
+def _print_verdicts(verdicts, persons, out: TextIO, as_json: bool) -> None:
+    from .verify import summarize
+
+    by_day: dict = {}
+    for v in verdicts:
+        by_day.setdefault(v.hour.date(), []).append(v)
+    if as_json:
+        for v in verdicts:
+            out.write(json.dumps({"hour": v.hour.isoformat(), "state": v.state, "delivered": v.delivered,
+                                  "found": v.found, "missing": v.missing, "extra": v.extra,
+                                  "duplicates": v.duplicates, "repairs": v.repairs}) + "\n")
+        for day, group in by_day.items():
+            out.write(json.dumps({"day": day.isoformat(), **summarize(group)}) + "\n")
+        out.write(json.dumps({"total": summarize(verdicts),
+                              **({"persons": {"checked": persons.checked,
+                                              "not_merged": [{"device_id": d, "user_id": u}
+                                                             for d, u in persons.not_merged]}} if persons else {})})
+                  + "\n")
+        return
+    header = f"{'hour':<20} {'delivered':>9} {'found':>9} {'missing':>8} {'extra':>6} {'dupes':>6}  state"
+    out.write(header + "\n")
+    for day, group in by_day.items():
+        for v in group:
+            repairs = f" (repaired {v.repairs}x)" if v.repairs else ""
+            out.write(f"{v.hour:%Y-%m-%dT%H:00Z}    {v.delivered:>9} {v.found:>9} {v.missing:>8} {v.extra:>6} "
+                      f"{v.duplicates:>6}  {v.state}{repairs}\n")
+        s = summarize(group)
+        out.write(f"{day.isoformat() + ' (day)':<20} {s['delivered']:>9} {s['found']:>9} {s['missing']:>8} "
+                  f"{s['extra']:>6} {s['duplicates']:>6}  {s['whole']} whole, {s['short']} short, "
+                  f"{s['pending']} pending\n")
+    s = summarize(verdicts)
+    out.write(f"{'total':<20} {s['delivered']:>9} {s['found']:>9} {s['missing']:>8} {s['extra']:>6} "
+              f"{s['duplicates']:>6}  {s['whole']} whole, {s['short']} short, {s['pending']} pending\n")
+    if persons:
+        out.write(f"persons: {persons.checked} merged pairs checked, {len(persons.not_merged)} not merged\n")
+        for device, user in persons.not_merged[:20]:
+            out.write(f"  not merged: device {device} / user {user}\n")
 
 
 def _check_store(config: Config) -> dict:
@@ -208,6 +371,31 @@ written. Creates nothing.
 exit status: 0 all reachable, 1 otherwise (each part says why), 2 configuration.
 
 example: python -m connector --env-file .env check"""),
+    "verify": (cmd_verify, "read every delivered hour back from PostHog: is everything there?", """\
+For every delivered hour in the range (default: all): the events delivered,
+the distinct uuids PostHog holds for them, missing, extra, and duplicates
+(re-sent events PostHog has not merged yet: neither missing nor extra), with a
+summary per day and a total; then whether sampled merged device/user pairs
+resolve to one person. An hour is judged only VERIFY_GRACE_MINUTES after its
+delivery (PostHog's ingestion lags); until then it is pending. Needs
+POSTHOG_PERSONAL_API_KEY. Works next to a running connector (then it only
+prints; `run` records its own verdicts). --repair re-imports the short hours.
+
+exit status: 0 every judged hour is whole, 1 an hour is short or a pair did
+not merge, 2 configuration (e.g. no personal API key).
+
+examples: python -m connector --env-file .env verify --from 2025-07-01 --to 2025-07-02
+          python -m connector --env-file .env verify --json | jq 'select(.state == "short")'"""),
+    "repair": (cmd_repair, "re-import delivered hours (same uuids), then verify them", """\
+Re-imports exactly these hours (H1..H2, both included) with the same uuids,
+so PostHog keeps one copy, without moving the cursor; then verifies them. It
+is the state's writer for as long as it runs: stop `run` first, or let `run`
+repair short hours on its own (REPAIR_ATTEMPTS).
+
+exit status: 0 repaired (and whole or pending), 1 still short or a failure,
+2 configuration.
+
+example: python -m connector --env-file .env repair --hours 2025-07-01T10..2025-07-01T12"""),
     "rejected": (cmd_rejected, "list rejected records as JSON lines", """\
 Lists records that were not imported on purpose: hour, reason, detail and the
 raw Amplitude line (raw_base64 when it is not UTF-8).
@@ -236,6 +424,15 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["sync"].add_argument("--dry-run", action="store_true",
                                  help="print the events as JSON lines; send nothing, store nothing")
     parsers["sync"].add_argument("--hours", type=int, default=None, help="at most this many hours (default: all due)")
+    parsers["verify"].add_argument("--from", dest="start", help="first hour (YYYY-MM-DD or YYYY-MM-DDTHH; default: the first delivered)")
+    parsers["verify"].add_argument("--to", dest="stop", help="first hour not verified (default: the cursor)")
+    parsers["verify"].add_argument("--json", action="store_true", help="JSON lines: one per hour, per day, then the total")
+    parsers["verify"].add_argument("--repair", action="store_true", help="then re-import the hours found short")
+    parsers["verify"].add_argument("--persons", type=int, default=200, help="merged pairs to check (default 200; 0: none)")
+    parsers["verify"].add_argument("--grace-minutes", type=float, default=None, help="override VERIFY_GRACE_MINUTES")
+    parsers["repair"].add_argument("--hours", required=True, help="H1..H2, e.g. 2025-07-01T10..2025-07-01T12")
+    parsers["repair"].add_argument("--json", action="store_true", help="print the verdicts as JSON lines")
+    parsers["repair"].add_argument("--grace-minutes", type=float, default=None, help="override VERIFY_GRACE_MINUTES")
     parsers["rejected"].add_argument("--hour", help="only this hour (YYYY-MM-DDTHH)")
     parsers["rejected"].add_argument("--reason", help="only this reason, e.g. no_usable_id")
     parsers["rejected"].add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
@@ -298,7 +495,7 @@ def main(argv: Sequence[str] | None = None, env: dict | None = None, out: TextIO
     command = COMMANDS[args.command][0]
     args.stopper = Stopper()
     args.tmp_dir = env.get("TMPDIR") or None  # downloads go there, as for any program
-    restore = args.stopper.install() if args.command in ("run", "sync") else (lambda: None)
+    restore = args.stopper.install() if args.command in ("run", "sync", "repair", "verify") else (lambda: None)
     try:
         return command(config, args, out)
     except Interrupted as exc:

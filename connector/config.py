@@ -144,6 +144,11 @@ class Config:
     amplitude_base_url: str
     posthog_host: str
     posthog_project_api_key: Secret
+    posthog_personal_api_key: Secret
+    posthog_project_id: int | None
+    posthog_api_host: str
+    verify_grace: timedelta
+    repair_attempts: int
     start_date: datetime | None
     end_date: datetime | None
     export_delay: timedelta
@@ -163,6 +168,11 @@ class Config:
     def export_url(self) -> str:
         """The Export API endpoint: the base URL override, or the region's host."""
         return (self.amplitude_base_url or REGION_HOSTS[self.amplitude_region]) + "/api/2/export"
+
+    @property
+    def api_host(self) -> str:
+        """Where PostHog's app and API (read-back) are served."""
+        return self.posthog_api_host or self.posthog_host
 
     def secret_values(self) -> tuple[str, ...]:
         """The raw secret values, for scrubbing output. Never log these."""

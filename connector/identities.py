@@ -24,12 +24,16 @@ class IdentityPlan:
     conflicts: int = 0  # pairs not merged: the device already belongs to another user
 
 
-def plan_identities(merges: list[Merge], groups: list[GroupUpdate], writer: HourWriter) -> IdentityPlan:
+def plan_identities(merges: list[Merge], groups: list[GroupUpdate], writer: HourWriter,
+                    resend: bool = False) -> IdentityPlan:
     """Merges for devices never merged before, and updates for groups whose properties changed.
 
     `merges` holds each pair of a block once, in order of first appearance, with
     its earliest timestamp. A device already merged into one user is not merged
     into a second (shared devices, account switches): it counts as a conflict.
+
+    `resend` (a repair of a delivered hour): a group update goes again only when
+    it is the state last sent, so a repair never sets a group back to an older state.
     """
     if not merges and not groups:
         return IdentityPlan()
@@ -44,7 +48,7 @@ def plan_identities(merges: list[Merge], groups: list[GroupUpdate], writer: Hour
     latest = {(u.group_type, u.group_key): u for u in groups}
     sent = writer.group_digests(latest) if latest else {}
     digests = {key: properties_digest(u.properties) for key, u in latest.items()}
-    changed = {key: digest for key, digest in digests.items() if sent.get(key) != digest}
+    changed = {key: digest for key, digest in digests.items() if (sent.get(key) == digest) == resend}
 
     events = [orjson.dumps(merge_event(m)) for m in new]
     events += [orjson.dumps(group_event(latest[key], digest)) for key, digest in changed.items()]

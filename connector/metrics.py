@@ -34,6 +34,11 @@ class Metrics:
         self.clock_skew = Gauge("connector_clock_skew_seconds",
                                 "How far each server's clock (its answers' Date) is ahead of this machine's",
                                 ["server"], registry=r)
+        self.hours_verified = Gauge("connector_hours_verified", "Delivered hours by their last read-back verdict",
+                                    ["state"], registry=r)
+        self.events_missing = Gauge("connector_events_missing",
+                                    "Events PostHog does not hold, over hours still short after their repairs",
+                                    registry=r)
         self.last_tick = Gauge("connector_last_tick_timestamp_seconds", "When the last sync tick finished", registry=r)
         for outcome in ("done", "empty", "failed"):
             self.hours.labels(outcome)

@@ -10,6 +10,7 @@ CONFIG_GRACE. A stop ends the loop at once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from datetime import datetime, timedelta
 
@@ -84,12 +85,54 @@ class Service:
                 app.store.record_error(None)
             self._failures, self._retry_at, self._config_error_since = 0, None, None
             app.health.beat(None)
+            self.verify()
             plan = app.syncer.plan()
             if plan.finished and not self._announced_end:
                 self._announced_end = True
                 log.info("END_DATE reached: every hour before it is delivered; idling",
                          extra={"end": iso_hour(plan.cursor)})
         app.metrics.last_tick.set(app.local_clock().timestamp())
+
+    def verify(self) -> None:
+        """Read back delivered hours past their grace period; repair the short ones, a bounded
+        number of times with backoff (grace x 2^repairs). Never ends the loop: the read-back is
+        a check, and a failing check is logged and counted (`/metrics`), not fatal."""
+        app = self._app
+        verifier = app.verifier
+        if verifier is None:
+            return
+        try:
+            now = app.clock()
+            known = app.store.verdicts()
+            todo = [d for d in app.store.deliveries() if now - d.delivered_at >= verifier.grace
+                    and _needs_look(known.get(d.hour), now, verifier.grace)]
+            verdicts = verifier.verify(todo)
+            app.store.record_verdicts(verdicts)
+            for v in verdicts:
+                if v.state != "short":
+                    continue
+                if v.repairs < app.config.repair_attempts:
+                    log.warning("hour short in PostHog; repairing", extra={
+                        "hour": iso_hour(v.hour), "missing": v.missing, "delivered": v.delivered, "repair": v.repairs + 1})
+                    app.syncer.redeliver([v.hour])
+                    app.store.record_verdicts([dataclasses.replace(v, state="pending", checked_at=app.clock(),
+                                                                   repairs=v.repairs + 1)])
+                else:
+                    log.error("hour still short in PostHog after repairs", extra={
+                        "hour": iso_hour(v.hour), "missing": v.missing, "repairs": v.repairs})
+        except Interrupted:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failing read-back must not stop the import
+            app.metrics.errors.labels(f"verify:{type(exc).__name__}").inc()
+            log.error("verify failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+        self._show_verification()
+
+    def _show_verification(self) -> None:
+        app = self._app
+        verdicts = app.store.verdicts().values()
+        for state in ("whole", "short", "pending"):
+            app.metrics.hours_verified.labels(state).set(sum(v.state == state for v in verdicts))
+        app.metrics.events_missing.set(sum(v.missing for v in verdicts if v.state == "short"))
 
     def _failed(self, exc: Exception) -> None:
         app = self._app
@@ -107,3 +150,13 @@ class Service:
         except ConnectorError:
             log.exception("cannot record the error in the state store")
         app.health.beat(message)
+
+
+def _needs_look(verdict, now: datetime, grace: timedelta) -> bool:
+    """Whether an hour (past its grace period) should be read back now."""
+    if verdict is None or verdict.state == "pending":
+        return True
+    if verdict.state == "whole":
+        return False
+    # Short: look again, repaired or not, after a wait that doubles with each repair.
+    return now - verdict.checked_at >= grace * 2 ** verdict.repairs

@@ -14,13 +14,13 @@ import fcntl
 import os
 import sqlite3
 from contextlib import contextmanager
-from datetime import datetime
-from typing import Callable, Iterable, Iterator
+from datetime import date, datetime
+from typing import Callable, Iterable, Iterator, Mapping
 from urllib.parse import quote
 
 from .errors import StateError
 from .hours import iso_hour, parse_hour
-from .store import TOTALS, EmptyStore, HourCounts, Totals
+from .store import TOTALS, Delivery, EmptyStore, HourCounts, Totals, Verdict
 from .translate import Rejection
 
 # SQLite's default limit on bound parameters is 32766 since 3.32; stay well below.
@@ -35,6 +35,12 @@ CREATE TABLE IF NOT EXISTS groups_sent (group_type TEXT, group_key TEXT, digest 
 CREATE TABLE IF NOT EXISTS rejections (id INTEGER PRIMARY KEY, hour TEXT NOT NULL, reason TEXT NOT NULL,
                                        detail TEXT NOT NULL, raw BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS rejections_hour ON rejections (hour);
+CREATE TABLE IF NOT EXISTS deliveries (hour TEXT NOT NULL, day TEXT NOT NULL, events INTEGER NOT NULL,
+                                       delivered_at TEXT NOT NULL, PRIMARY KEY (hour, day)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS verdicts (hour TEXT PRIMARY KEY, state TEXT NOT NULL, delivered INTEGER NOT NULL,
+                                     found INTEGER NOT NULL, missing INTEGER NOT NULL, extra INTEGER NOT NULL,
+                                     duplicates INTEGER NOT NULL, checked_at TEXT NOT NULL,
+                                     repairs INTEGER NOT NULL) WITHOUT ROWID;
 """
 _TABLES = {"meta", "counters", "merges", "rejections"}
 
@@ -191,6 +197,52 @@ class SQLiteStore:
     def last_error(self) -> str | None:
         return self._meta("last_error")
 
+    def _bounds(self, start: datetime | None, stop: datetime | None) -> tuple[str, str]:
+        cursor = self.cursor()
+        ends = [t for t in (stop, cursor) if t is not None]
+        return (iso_hour(start) if start else "", iso_hour(min(ends)) if ends else "")
+
+    def deliveries(self, start: datetime | None = None, stop: datetime | None = None) -> list[Delivery]:
+        if self._conn is None:
+            return []
+        low, high = self._bounds(start, stop)
+        by_hour: dict[str, tuple[dict[date, int], str]] = {}
+        for hour, day, events, at in self._conn.execute(
+            "SELECT hour, day, events, delivered_at FROM deliveries WHERE hour >= ? AND hour < ? ORDER BY hour, day",
+            (low, high),
+        ):
+            days, _ = by_hour.setdefault(hour, ({}, at))
+            if day:
+                days[date.fromisoformat(day)] = events
+        return [Delivery(parse_hour(h), days, datetime.fromisoformat(at)) for h, (days, at) in by_hour.items()]
+
+    def verdicts(self, start: datetime | None = None, stop: datetime | None = None) -> dict[datetime, Verdict]:
+        if self._conn is None:
+            return {}
+        low = iso_hour(start) if start else ""
+        high = iso_hour(stop) if stop else "~"
+        rows = self._conn.execute(
+            "SELECT hour, state, delivered, found, missing, extra, duplicates, checked_at, repairs FROM verdicts "
+            "WHERE hour >= ? AND hour < ? ORDER BY hour", (low, high))
+        return {parse_hour(r[0]): Verdict(parse_hour(r[0]), r[1], r[2], r[3], r[4], r[5], r[6],
+                                          datetime.fromisoformat(r[7]), r[8]) for r in rows}
+
+    def merge_sample(self, limit: int, recorded_before: datetime) -> list[tuple[str, str]]:
+        if self._conn is None:
+            return []
+        before = iso_hour(recorded_before)
+        total = self._conn.execute("SELECT count(*) FROM merges WHERE hour < ?", (before,)).fetchone()[0]
+        step = max(1, total // max(1, limit))
+        # Every step-th merge in key order: spread over the history, the same sample each time.
+        return list(self._conn.execute(
+            "SELECT device_id, user_id FROM (SELECT device_id, user_id, row_number() OVER (ORDER BY device_id) AS n "
+            "FROM merges WHERE hour < ?) WHERE n % ? = 0 LIMIT ?", (before, step, limit)))
+
+    def merges_of(self, hour: datetime) -> dict[str, str]:
+        if self._conn is None:
+            return {}
+        return dict(self._conn.execute("SELECT device_id, user_id FROM merges WHERE hour = ?", (iso_hour(hour),)))
+
     # -- writes --------------------------------------------------------------
 
     def _writer(self) -> sqlite3.Connection:
@@ -240,6 +292,15 @@ class SQLiteStore:
     def _write(self, sql: str, params: tuple) -> None:
         try:
             self._writer().execute(sql, params)
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot write the state file {self.path}: {exc}") from exc
+
+    def record_verdicts(self, verdicts: Iterable[Verdict]) -> None:
+        rows = [(iso_hour(v.hour), v.state, v.delivered, v.found, v.missing, v.extra, v.duplicates,
+                 v.checked_at.isoformat(), v.repairs) for v in verdicts]
+        try:
+            with _transaction(self._writer()):
+                self._writer().executemany("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         except sqlite3.Error as exc:
             raise StateError(f"cannot write the state file {self.path}: {exc}") from exc
 
@@ -293,6 +354,14 @@ class _SQLiteHour:
                 "INSERT INTO rejections (hour, reason, detail, raw) VALUES (?, ?, ?, ?)",
                 ((self._hour, r.reason, r.detail, r.raw) for r in rejections),
             )
+
+    def record_delivery(self, days: Mapping[date, int], delivered_at: datetime) -> None:
+        # An hour with no event keeps one row (day "") so it still counts as delivered.
+        rows = [(self._hour, d.isoformat(), n, delivered_at.isoformat()) for d, n in sorted(days.items()) if n] or [
+            (self._hour, "", 0, delivered_at.isoformat())]
+        with _transaction(self._conn):
+            self._conn.execute("DELETE FROM deliveries WHERE hour = ?", (self._hour,))
+            self._conn.executemany("INSERT INTO deliveries VALUES (?, ?, ?, ?)", rows)
 
     def commit(self, next_cursor: datetime, counts: HourCounts) -> None:
         self._check_file()

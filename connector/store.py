@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime
-from typing import Iterable, Iterator, Protocol
+from datetime import date, datetime
+from typing import Iterable, Iterator, Mapping, Protocol
 
 from .translate import Rejection
 
@@ -51,6 +51,34 @@ class HourCounts:
 TOTALS = tuple(f.name for f in fields(HourCounts)) + ("hours_done", "hours_empty")
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """What PostHog must hold for one delivered hour: its events by UTC day of their timestamp."""
+
+    hour: datetime
+    days: Mapping[date, int]
+    delivered_at: datetime
+
+    @property
+    def events(self) -> int:
+        return sum(self.days.values())
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One hour read back from PostHog (`verify.judge` decides it)."""
+
+    hour: datetime
+    state: str  # "whole", "short" (events missing) or "pending" (within the grace period)
+    delivered: int  # events the connector delivered
+    found: int  # distinct uuids PostHog holds for them
+    missing: int
+    extra: int  # distinct uuids beyond what was delivered
+    duplicates: int  # rows sharing a uuid, not yet merged by PostHog (not missing, not extra)
+    checked_at: datetime
+    repairs: int = 0  # times the hour was re-imported to mend it
+
+
 @dataclass
 class Totals:
     counters: dict[str, int] = field(default_factory=dict)  # TOTALS, plus merges_recorded
@@ -74,6 +102,10 @@ class HourWriter(Protocol):
 
     def record_rejections(self, rejections: Iterable[Rejection]) -> None:
         """Keep records not delivered, with their reason. Durable at once."""
+
+    def record_delivery(self, days: Mapping[date, int], delivered_at: datetime) -> None:
+        """What PostHog accepted for this hour, by event day, replacing an earlier delivery's
+        (a redo, a repair). Durable at once; judged by `verify` only once the hour is committed."""
 
     def commit(self, next_cursor: datetime, counts: HourCounts) -> None:
         """Move the cursor and add the hour's counts to the totals, atomically."""
@@ -99,6 +131,22 @@ class StateStore(Protocol):
 
     def rejections(self, hour: datetime | None = None, reason: str | None = None,
                    limit: int = 100) -> list[tuple[datetime, Rejection]]: ...
+
+    def deliveries(self, start: datetime | None = None, stop: datetime | None = None) -> list[Delivery]:
+        """Delivered hours in [start, stop) (before the cursor), oldest first."""
+
+    def verdicts(self, start: datetime | None = None, stop: datetime | None = None) -> dict[datetime, Verdict]:
+        """The last verdict of each hour in [start, stop)."""
+
+    def record_verdicts(self, verdicts: Iterable[Verdict]) -> None:
+        """Keep each hour's latest verdict (replacing the one before)."""
+
+    def merge_sample(self, limit: int, recorded_before: datetime) -> list[tuple[str, str]]:
+        """Up to `limit` (device_id, user_id) merges of hours before `recorded_before`, spread
+        over the whole history."""
+
+    def merges_of(self, hour: datetime) -> dict[str, str]:
+        """device_id -> user_id for the merges first sent with this hour (a repair sends them again)."""
 
     def record_error(self, message: str | None) -> None:
         """Keep the last error for `status`; None clears it."""
@@ -140,6 +188,18 @@ class EmptyStore:
     def group_digests(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
         return {}
 
+    def deliveries(self, start=None, stop=None) -> list[Delivery]:
+        return []
+
+    def verdicts(self, start=None, stop=None) -> dict[datetime, Verdict]:
+        return {}
+
+    def merge_sample(self, limit: int, recorded_before: datetime) -> list[tuple[str, str]]:
+        return []
+
+    def merges_of(self, hour: datetime) -> dict[str, str]:
+        return {}
+
     def close(self) -> None:
         pass
 
@@ -176,6 +236,21 @@ class DryRunStore:
     def rejections(self, hour=None, reason=None, limit=100) -> list[tuple[datetime, Rejection]]:
         return self._real.rejections(hour, reason, limit)
 
+    def deliveries(self, start=None, stop=None) -> list[Delivery]:
+        return self._real.deliveries(start, stop)
+
+    def verdicts(self, start=None, stop=None) -> dict[datetime, Verdict]:
+        return self._real.verdicts(start, stop)
+
+    def record_verdicts(self, verdicts: Iterable[Verdict]) -> None:
+        pass
+
+    def merge_sample(self, limit: int, recorded_before: datetime) -> list[tuple[str, str]]:
+        return self._real.merge_sample(limit, recorded_before)
+
+    def merges_of(self, hour: datetime) -> dict[str, str]:
+        return self._real.merges_of(hour)
+
     def record_error(self, message: str | None) -> None:
         pass
 
@@ -208,6 +283,9 @@ class _DryRunHour:
         self._store._digests.update(digests)
 
     def record_rejections(self, rejections: Iterable[Rejection]) -> None:
+        pass
+
+    def record_delivery(self, days: Mapping[date, int], delivered_at: datetime) -> None:
         pass
 
     def commit(self, next_cursor: datetime, counts: HourCounts) -> None:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Callable
+from datetime import date, datetime, timedelta
+from typing import Callable, Iterator
 
 from .archive import Archive
 from .batches import cut, make_batch
@@ -140,26 +141,55 @@ class Syncer:
             return window.last + HOUR  # no Date to go by: the planning clock already decided
         return due_limit(self._config.export_delay, self._config.end_date, window.served_at + TOLERANCE)
 
-    def _deliver(self, hour: datetime, archive: Archive | None) -> HourReport:
+    def redeliver(self, hours: list[datetime]) -> list[HourReport]:
+        """Import these delivered hours again (same uuids, so PostHog deduplicates), without
+        moving the cursor: each hour's delivery record is replaced, nothing else changes."""
+        cursor = self._store.cursor()
+        if cursor is None or any(hour >= cursor for hour in hours):
+            raise OperatorActionNeeded(f"only delivered hours (before the cursor, {cursor}) can be repaired")
+        reports = []
+        for start, stop in _runs(sorted(set(hours))):
+            hour = start
+            while hour < stop:
+                window = self._export.download_window(hour, min(hour + (MAX_WINDOW_HOURS - 1) * HOUR, stop - HOUR))
+                try:
+                    for each in hour_range(hour, window.last + HOUR):
+                        reports.append(self._deliver(each, window.archive, commit=False))
+                finally:
+                    if window.archive is not None:
+                        window.archive.close()
+                hour = window.last + HOUR
+        return reports
+
+    def _deliver(self, hour: datetime, archive: Archive | None, commit: bool = True) -> HourReport:
         if self._stop.is_set():
             raise Interrupted("stop requested")
         started = time.monotonic()
         try:
             with self._store.hour(hour) as writer:
-                counts = self._send_hour(hour, archive, writer)
-                writer.commit(hour + HOUR, counts)
+                if not commit:
+                    # A repair: what was lost may include this hour's merges, so they go again
+                    # (the same events, the same uuids).
+                    writer = _Resending(writer, self._store.merges_of(hour))
+                counts, days = self._send_hour(hour, archive, writer)
+                writer.record_delivery(days, self._clock())
+                if commit:
+                    writer.commit(hour + HOUR, counts)
         except ConnectorError as exc:
             if not isinstance(exc, Interrupted):
                 self._metrics.hours.labels("failed").inc()
             raise
         report = HourReport(hour, counts, time.monotonic() - started)
-        self._after_hour(report)
+        if commit:
+            self._after_hour(report)
         return report
 
-    def _send_hour(self, hour: datetime, archive: Archive | None, writer: HourWriter) -> HourCounts:
+    def _send_hour(self, hour: datetime, archive: Archive | None, writer: HourWriter) -> tuple[HourCounts, Counter]:
+        """Send the hour; its counts, and the events PostHog accepted by UTC day."""
         historical = self._clock() - (hour + HOUR) > HISTORICAL_AGE
         ctx = TranslateContext(hour, self._config.events_to_ignore)
         counts = HourCounts()
+        days: Counter = Counter()
         blocks = archive.blocks(hour) if archive is not None else ()
         for translated in self._translator.map(blocks, ctx, historical):
             if self._stop.is_set():
@@ -169,14 +199,17 @@ class Syncer:
             counts.ignored += result.ignored
             self._reject(writer, result.rejections, counts)
             self._send_identities(translated, writer, historical, counts)
-            self._send_events(translated, writer, counts)
+            days.update({date.fromisoformat(day): n for day, n in result.days.items()})
+            for refused in self._send_events(translated, writer, counts):
+                days[translated.day_of(refused)] -= 1
             self._metrics.events_read.inc(result.read)
             self._metrics.events_ignored.inc(result.ignored)
-        return counts
+        return counts, days
 
     def _send_identities(self, translated: TranslatedBlock, writer: HourWriter, historical: bool,
                          counts: HourCounts) -> None:
-        identities = plan_identities(translated.result.merges, translated.result.groups, writer)
+        identities = plan_identities(translated.result.merges, translated.result.groups, writer,
+                                     resend=isinstance(writer, _Resending))
         counts.merge_conflicts += identities.conflicts
         self._metrics.merge_conflicts.inc(identities.conflicts)
         if not identities.events:
@@ -195,16 +228,20 @@ class Syncer:
         counts.groups_sent += len(identities.digests)
         self._metrics.merges_sent.inc(len(identities.links))
 
-    def _send_events(self, translated: TranslatedBlock, writer: HourWriter, counts: HourCounts) -> None:
+    def _send_events(self, translated: TranslatedBlock, writer: HourWriter, counts: HourCounts) -> list[int]:
+        """Send the block's batches; the block indexes of the events PostHog refused."""
         first = 0
+        refused_at: list[int] = []
         for batch in translated.batches():
             refused = self._sink.send(batch)
             self._reject(writer, [Rejection(r.reason, r.detail, translated.line_of(first + r.index)) for r in refused],
                          counts)
+            refused_at += [first + r.index for r in refused]
             counts.events_sent += batch.count - len(refused)
             self._metrics.events_sent.inc(batch.count - len(refused))
             first += batch.count
             self._on_progress()
+        return refused_at
 
     def _reject(self, writer: HourWriter, rejections: list[Rejection], counts: HourCounts) -> None:
         if not rejections:
@@ -239,3 +276,33 @@ class Syncer:
                 "eta_s": round(current.backlog * self._seconds_per_hour),
             },
         )
+
+
+class _Resending:
+    """An hour's writer that does not know the merges first sent with that hour, so they are sent again."""
+
+    def __init__(self, writer: HourWriter, merges: dict[str, str]):
+        self._writer = writer
+        self._merges = merges
+
+    def linked_users(self, devices):
+        found = self._writer.linked_users(devices)
+        return {d: u for d, u in found.items() if self._merges.get(d) != u}
+
+    def __getattr__(self, name):
+        return getattr(self._writer, name)
+
+
+def _runs(hours: list[datetime]) -> Iterator[tuple[datetime, datetime]]:
+    """Sorted hours as runs of consecutive ones: (first, after last)."""
+    start = previous = None
+    for hour in hours:
+        if start is None:
+            start = previous = hour
+        elif hour == previous + HOUR:
+            previous = hour
+        else:
+            yield start, previous + HOUR
+            start = previous = hour
+    if start is not None:
+        yield start, previous + HOUR

@@ -18,8 +18,11 @@ import os
 import signal
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
+from datetime import date
 from multiprocessing import get_context
 from typing import Iterable, Iterator, NamedTuple
+
+import orjson
 
 from . import allocator
 from .archive import Block
@@ -89,6 +92,10 @@ class TranslatedBlock:
 
     def _events(self, start: int, stop: int) -> list[bytes]:
         return self._full.events[start:stop]
+
+    def day_of(self, event_index: int) -> date:
+        """The UTC day of the block's `event_index`-th event's timestamp."""
+        return date.fromisoformat(orjson.loads(self._full.events[event_index])["timestamp"][:10])
 
     def line_of(self, event_index: int) -> bytes:
         """The raw Amplitude line behind the block's `event_index`-th event."""
