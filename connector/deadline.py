@@ -2,7 +2,7 @@
 
 `requests`' timeouts bound each socket read, not the request: a server that
 accepts the connection and then trickles one byte every few seconds keeps a
-request alive forever. Here a request made inside `with deadline(s):` gets at
+request alive forever. Here a request made inside `with whole_request(s):` gets at
 most `s` seconds in all: when they are up, a watchdog shuts down the sockets
 the request uses, the blocked read returns, and the caller sees
 `DeadlineExceeded`. A long download calls `extend(s)` as data arrives, so it
@@ -84,7 +84,7 @@ def _shut(connection: HTTPConnection) -> None:
 
 
 @contextmanager
-def deadline(seconds: float) -> Iterator[Deadline]:
+def whole_request(seconds: float) -> Iterator[Deadline]:
     """Requests made in this thread inside the block get `seconds` in all.
 
     Raises DeadlineExceeded (a requests.Timeout) when they ran out, whatever

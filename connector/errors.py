@@ -9,6 +9,7 @@
     ├── RetryLater             a transient fault; the same work is retried later
     │   ├── ExportUnavailable  Amplitude answered 429/5xx/timeout/garbage
     │   ├── PostHogUnavailable PostHog answered 429/5xx/timeout or refused the connection
+    │   ├── QueryUnavailable   PostHog's query API (read-back) did not answer usefully this time
     │   └── ClockAhead         an hour is due by this machine's clock, not by the servers'
     ├── OperatorActionNeeded   retrying the same way cannot help; a person must act
     │   ├── HourTooLarge       a single hour is over the Export API's 4 GB limit
@@ -79,6 +80,10 @@ class ExportUnavailable(RetryLater):
 
 class PostHogUnavailable(RetryLater):
     """PostHog did not accept a batch this time."""
+
+
+class QueryUnavailable(RetryLater):
+    """PostHog's query API did not answer usefully this time (429, 5xx, timeout, refused)."""
 
 
 class ClockAhead(RetryLater):

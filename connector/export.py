@@ -194,7 +194,7 @@ class ExportClient:
         """For `check`: ask for one hour, reading the headers (and a 404's short body) only."""
         result: dict = {"url": self._url}
         try:
-            with deadline.deadline(60.0):
+            with deadline.whole_request(60.0):
                 response = self._get(hour, hour, timeout=(10.0, 60.0))
                 with response:
                     status = result["status"] = response.status_code
@@ -242,7 +242,7 @@ class ExportClient:
         span = f"{hour_param(start)}..{hour_param(end)}"
         read_timeout = self._timeout[1]
         try:
-            with deadline.deadline(read_timeout) as watch:
+            with deadline.whole_request(read_timeout) as watch:
                 with self._get(start, end, timeout=self._timeout) as response:
                     served_at = http_date(response.headers.get("Date"))
                     if served_at is not None:

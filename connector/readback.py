@@ -66,8 +66,10 @@ from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
 
 import requests
 
+from .deadline import DeadlineExceeded, install, whole_request
 from .config import Secret
-from .errors import AuthError, ConfigError, Interrupted, OperatorActionNeeded, Problem, RetryLater
+from .errors import AuthError, ConfigError, Interrupted, OperatorActionNeeded, Problem, QueryUnavailable
+from .redact import Redactor
 from .hours import HOUR, floor_hour
 from .retry import Backoff, retry_after_seconds, retrying
 
@@ -119,13 +121,6 @@ _THROTTLE_WAIT = re.compile(r"Expected available in (\d+(?:\.\d+)?) seconds?")
 _MISSING_SCOPE = re.compile(r"missing required scope '([a-z_]+:[a-z]+)'")
 
 
-class QueryUnavailable(RetryLater):
-    """PostHog's query API did not answer usefully this time (429, 5xx, timeout, refused).
-
-    Belongs in errors.py next to PostHogUnavailable; it lives here until it moves.
-    """
-
-
 @dataclass(frozen=True)
 class Counts:
     """What PostHog holds for one (export hour, event day).
@@ -173,8 +168,9 @@ class PostHogQuery:
         clock: Callable[[], float] = time.monotonic,
         on_retry: Callable[[str], None] = lambda cause: None,
     ):
-        self._session = session
+        self._session = install(session)
         self._host = api_host.rstrip("/")
+        self._redact = Redactor([personal_api_key.reveal(), project_api_key.reveal()])
         self._personal_key = personal_api_key
         self._project_key = project_api_key
         self._project_id = project_id
@@ -351,28 +347,28 @@ class PostHogQuery:
             headers["Content-Type"] = "application/json"
         try:
             # Redirects are never followed: requests would resend the key to wherever
-            # the Location points. A body is read in pieces so the deadline holds.
-            response = self._session.request(
-                method, self._host + path, data=body, headers=headers, allow_redirects=False, stream=True,
-                timeout=(min(CONNECT_TIMEOUT, remaining), remaining),
-            )
+            # the Location points. The whole exchange, body included, has one deadline.
+            with whole_request(remaining):
+                response = self._session.request(
+                    method, self._host + path, data=body, headers=headers, allow_redirects=False, stream=True,
+                    timeout=(min(CONNECT_TIMEOUT, remaining), remaining),
+                )
+                with response:
+                    content = bytearray()
+                    for piece in response.iter_content(chunk_size=1 << 16):
+                        content += piece
+                        if len(content) > MAX_ANSWER_BYTES:
+                            raise QueryUnavailable(f"PostHog's answer is over {MAX_ANSWER_BYTES} bytes",
+                                                   cause="bad_answer")
+                    return _Answer(response.status_code, response.headers, bytes(content))
+        except DeadlineExceeded:
+            raise QueryUnavailable(f"PostHog's API at {self._host} gave no complete answer within "
+                                   f"{self._timeout:g} s", cause="timeout") from None
         except requests.Timeout:
             raise QueryUnavailable(f"PostHog's API at {self._host} did not answer in time", cause="timeout") from None
         except requests.RequestException as exc:
             raise QueryUnavailable(f"cannot reach PostHog's API at {self._host} ({type(exc).__name__})",
                                    cause="connection") from None
-        with response:
-            content = bytearray()
-            try:
-                for piece in response.iter_content(chunk_size=1 << 16):
-                    content += piece
-                    if len(content) > MAX_ANSWER_BYTES:
-                        raise QueryUnavailable(f"PostHog's answer is over {MAX_ANSWER_BYTES} bytes", cause="bad_answer")
-                    if self._clock() > deadline:
-                        raise QueryUnavailable(f"PostHog's answer took over {self._timeout:g} s", cause="timeout")
-            except requests.RequestException as exc:
-                raise QueryUnavailable(f"PostHog's answer broke off ({type(exc).__name__})", cause="connection") from None
-            return _Answer(response.status_code, response.headers, bytes(content))
 
     def _json_object(self, answer: _Answer) -> dict:
         content_type = answer.headers.get("Content-Type", "")
@@ -464,10 +460,7 @@ class PostHogQuery:
         """PostHog's detail text, safe to show: no key, one line, at most 300 characters."""
         if not isinstance(text, str):
             return ""
-        for secret in (self._personal_key.reveal(), self._project_key.reveal()):
-            if secret:
-                text = text.replace(secret, "***")
-        return " ".join(text.split())[:300]
+        return " ".join(self._redact(text).split())[:300]
 
 
 class _ScopedKey(Exception):

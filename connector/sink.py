@@ -197,7 +197,7 @@ class PostHogSink:
     def _post(self, body: bytes, content_type: str = "application/json", encoding: str = "gzip") -> requests.Response:
         headers = {**self._headers, "Content-Type": content_type, "Content-Encoding": encoding}
         try:
-            with deadline.deadline(self._timeout):
+            with deadline.whole_request(self._timeout):
                 response = self._session.post(self._url, data=body, headers=headers, timeout=self._timeout,
                                               allow_redirects=False)
         except requests.Timeout:
