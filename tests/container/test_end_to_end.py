@@ -277,7 +277,7 @@ def test_podman_stop_exits_cleanly_within_the_grace_period(first, stopped):
     assert code == 0, f"exit code {code} (137: SIGKILLed after the grace period)\n{tail(first.cid)}"
     assert seconds < STOP_GRACE / 2, f"stop took {seconds:.1f}s of the {STOP_GRACE}s grace"
     log = logs(first.cid)
-    assert "endDate reached" in log
+    assert "END_DATE reached" in log
     assert "stopped; an unfinished hour is redone from its start" in log
     for secret in SECRETS:
         assert secret not in log
