@@ -25,7 +25,7 @@ from .hours import HOUR, hour_range, iso_hour, parse_hour, plan
 from .redact import mask_url
 from .service import Service
 from .sqlite_store import sqlite_path
-from .store import StateStore, open_store
+from .store import EmptyStore, StateStore, open_store
 
 log = logging.getLogger("connector")
 
@@ -153,6 +153,12 @@ def cmd_check(config: Config, args: argparse.Namespace, out: TextIO) -> int:
         "posthog": posthog_sink(config, never).probe(),
         "state": _check_store(config),
     }
+    if config.posthog_personal_api_key:
+        from .app import verifier
+
+        found = verifier(config, EmptyStore(), utcnow, never)  # type: ignore[arg-type]
+        assert found is not None
+        results["posthog_api"] = found.query.probe(hour)
     for result in results.values():
         if "url" in result:
             result["url"] = mask_url(result["url"])

@@ -68,7 +68,7 @@ import requests
 
 from .deadline import DeadlineExceeded, install, whole_request
 from .config import Secret
-from .errors import AuthError, ConfigError, Interrupted, OperatorActionNeeded, Problem, QueryUnavailable
+from .errors import AuthError, ConfigError, Interrupted, OperatorActionNeeded, Problem, QueryUnavailable, RetryLater
 from .redact import Redactor
 from .hours import HOUR, floor_hour
 from .retry import Backoff, retry_after_seconds, retrying
@@ -238,6 +238,16 @@ class PostHogQuery:
             backoff=self._backoff, sleep=self._sleep, rng=self._rng,
             what=f"reading {what} from PostHog", on_retry=self._on_retry,
         )
+
+    def probe(self, hour: datetime) -> dict:
+        """For `check`: find the project and run the read-back query once (for `hour`)."""
+        result: dict = {"url": self._host}
+        try:
+            result["project_id"] = self.project()
+            self.hour_counts([hour], [hour.date()])
+        except (ConfigError, OperatorActionNeeded, RetryLater) as exc:
+            return {**result, "ok": False, "error": str(exc)}
+        return {**result, "ok": True}
 
     # -- counts --------------------------------------------------------------
 

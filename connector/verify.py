@@ -36,6 +36,8 @@ class Query(Protocol):
 
     def persons(self, distinct_ids: Sequence[str]) -> dict[str, str]: ...
 
+    def probe(self, hour: datetime) -> dict: ...
+
 
 def judge(delivery: Delivery, found: dict[date, Counts], now: datetime, grace: timedelta, repairs: int = 0) -> Verdict:
     """The verdict on one delivered hour, from what PostHog holds for it by day. Pure."""
@@ -65,7 +67,7 @@ class Verifier:
 
     def __init__(self, store: StateStore, query: Query, clock: Callable[[], datetime], grace: timedelta):
         self._store = store
-        self._query = query
+        self.query = query
         self._clock = clock
         self.grace = grace
 
@@ -79,7 +81,7 @@ class Verifier:
         for start in range(0, len(deliveries), HOURS_PER_QUERY):
             chunk = deliveries[start : start + HOURS_PER_QUERY]
             days = sorted({day for d in chunk for day in d.days})
-            counts = self._query.hour_counts([d.hour for d in chunk], days) if days else {}
+            counts = self.query.hour_counts([d.hour for d in chunk], days) if days else {}
             now = self._clock()
             for delivery in chunk:
                 found = {day: c for (hour, day), c in counts.items() if hour == delivery.hour}
@@ -93,7 +95,7 @@ class Verifier:
         pairs = self._store.merge_sample(sample, settled) if settled else []
         if not pairs:
             return PersonsReport(0)
-        persons = self._query.persons(sorted({i for pair in pairs for i in pair}))
+        persons = self.query.persons(sorted({i for pair in pairs for i in pair}))
         wrong = [(d, u) for d, u in pairs if persons.get(d) is None or persons.get(d) != persons.get(u)]
         return PersonsReport(len(pairs), wrong)
 

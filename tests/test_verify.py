@@ -240,3 +240,12 @@ def test_run_reports_an_hour_that_stays_short(amp, ph, api, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_check_reaches_the_query_api_when_a_personal_key_is_set(amp, ph, api, tmp_path):
+    code, out = run(["check"], env_for(amp, ph, tmp_path))
+    result = json.loads(out)["posthog_api"]
+    assert code == 0 and result == {"url": ph.base_url, "project_id": 7, "ok": True}
+    code, out = run(["check"], env_for(amp, ph, tmp_path, POSTHOG_PERSONAL_API_KEY="phx_not_this_one"))
+    assert code == 1 and "POSTHOG_PERSONAL_API_KEY" in json.loads(out)["posthog_api"]["error"]
+    assert "phx_not_this_one" not in out
