@@ -232,8 +232,7 @@ def _repair(config: Config, args: argparse.Namespace, out: TextIO, hours: list[d
         if hours:
             reports = app.syncer.redeliver(hours)
             log.info("repaired", extra={"hours": len(reports), "events_sent": sum(r.counts.events_sent for r in reports)})
-            earlier = app.store.verdicts(min(hours), max(hours) + HOUR)
-            app.store.record_verdicts([_repaired(earlier.get(r.hour), r.hour, app.clock()) for r in reports])
+            app.verifier.mark_repaired([r.hour for r in reports])
         delivered = [d for d in app.store.deliveries() if d.hour in set(hours)]
         verdicts = app.verifier.verify(delivered)
         _record(app.store, verdicts)
@@ -241,13 +240,6 @@ def _repair(config: Config, args: argparse.Namespace, out: TextIO, hours: list[d
         app.close()
     _print_verdicts(verdicts, None, out, args.json)
     return EXIT_FAILED if any(v.state == "short" for v in verdicts) else EXIT_OK
-
-
-def _repaired(previous, hour: datetime, now: datetime):
-    from .store import Verdict
-
-    repairs = previous.repairs + 1 if previous else 1
-    return Verdict(hour, "pending", 0, 0, 0, 0, 0, now, repairs)
 
 
 def _writer_or_reader(config: Config) -> StateStore:

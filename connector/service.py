@@ -10,7 +10,6 @@ CONFIG_GRACE. A stop ends the loop at once.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from datetime import datetime, timedelta
 
@@ -115,8 +114,7 @@ class Service:
                     log.warning("hour short in PostHog; repairing", extra={
                         "hour": iso_hour(v.hour), "missing": v.missing, "delivered": v.delivered, "repair": v.repairs + 1})
                     app.syncer.redeliver([v.hour])
-                    app.store.record_verdicts([dataclasses.replace(v, state="pending", checked_at=app.clock(),
-                                                                   repairs=v.repairs + 1)])
+                    verifier.mark_repaired([v.hour])
                 else:
                     log.error("hour still short in PostHog after repairs", extra={
                         "hour": iso_hour(v.hour), "missing": v.missing, "repairs": v.repairs})

@@ -89,6 +89,17 @@ class Verifier:
                 verdicts.append(judge(delivery, found, now, self.grace, previous.repairs if previous else 0))
         return verdicts
 
+    def mark_repaired(self, hours: Sequence[datetime]) -> None:
+        """Record that these hours were imported again: pending, one repair more."""
+        if not hours:
+            return
+        earlier = self._store.verdicts(min(hours), max(hours) + timedelta(hours=1))
+        now = self._clock()
+        self._store.record_verdicts([
+            Verdict(hour, "pending", 0, 0, 0, 0, 0, now, (earlier[hour].repairs if hour in earlier else 0) + 1)
+            for hour in hours
+        ])
+
     def check_persons(self, sample: int = PERSON_SAMPLE) -> PersonsReport:
         """Both ids of sampled merged pairs (of hours past the grace period) resolve to one person."""
         settled = self._settled_before()
