@@ -66,19 +66,17 @@ COMMON_PROPERTIES: Mapping[str, object] = MappingProxyType({"$ignore_sent_at": T
 NO_ADDRESS: Mapping[str, object] = MappingProxyType({"capture_internal": True, "$geoip_disable": True})
 
 
-def connector_properties(ip: str | None = None, export_hour: str | None = None) -> dict:
-    """The properties the connector itself sets on an event; they always win.
+def connector_properties(*, export_hour: str | None = None, has_address: bool = False) -> dict:
+    """The properties the connector itself sets on an event, set last so they win.
 
-    With `ip` (the user's real address) PostHog's GeoIP resolves it; without,
-    the event carries NO_ADDRESS. `export_hour` ("YYYY-MM-DDTHH") marks an
-    imported event with the export hour it came from.
+    COMMON_PROPERTIES; `$amplitude_export_hour` ("YYYY-MM-DDTHH") on an imported
+    event; NO_ADDRESS unless the event carries the user's own `$ip` (which the
+    caller sets: PostHog's GeoIP then resolves it).
     """
     own = dict(COMMON_PROPERTIES)
     if export_hour is not None:
         own["$amplitude_export_hour"] = export_hour
-    if ip:
-        own["$ip"] = ip
-    else:
+    if not has_address:
         own.update(NO_ADDRESS)
     return own
 
@@ -218,9 +216,8 @@ class TranslateContext:
         latest = (self.hour + timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S")
         object.__setattr__(self, "latest_valid", latest)
         export_hour = self.hour.astimezone(timezone.utc).strftime("%Y-%m-%dT%H")
-        with_address = {**COMMON_PROPERTIES, "$amplitude_export_hour": export_hour}
-        object.__setattr__(self, "with_address", with_address)
-        object.__setattr__(self, "without_address", {**with_address, **NO_ADDRESS})
+        object.__setattr__(self, "with_address", connector_properties(export_hour=export_hour, has_address=True))
+        object.__setattr__(self, "without_address", connector_properties(export_hour=export_hour))
 
 
 # The per-event values are NamedTuples rather than frozen dataclasses: just as

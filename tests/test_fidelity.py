@@ -19,11 +19,12 @@ from collections import defaultdict
 from datetime import datetime, timedelta, timezone
 from random import Random
 
+import orjson
 import pytest
 
 from connector.identities import plan_identities
 from connector.translate import (MAX_EVENT_BYTES, GroupUpdate, TranslateContext, kafka_message_bytes,
-                                 translate_record)
+                                 properties_digest, translate_record)
 
 from .fakes.posthog import FakePostHog, kafka_message_size
 from .fakes.records import make_population, make_record
@@ -172,8 +173,6 @@ PLANS = [  # (case, digest already sent or None, updates of a block, the $group_
 
 @pytest.mark.parametrize("name, known, updates, group_set", PLANS, ids=[c[0] for c in PLANS])
 def test_group_update_planning(name, known, updates, group_set):
-    from connector.translate import properties_digest
-
     digests = {}
     if known == "sent":
         digests[("company", "acme")] = properties_digest({})
@@ -238,7 +237,7 @@ def test_the_connectors_size_bound_covers_what_capture_measures():
     ctx = TranslateContext(START)
     for blob in ('"' * 200_000, "\\" * 150_000, "é" * 300_000, "x" * 900_000):
         event = translate_record(event_of(rng, event_properties={"blob": blob}), ctx).event
-        data = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+        data = orjson.dumps(event)  # as translate_block serializes it
         bound = kafka_message_bytes(data, event["distinct_id"], event["event"])
         actual = kafka_message_size(event, event["distinct_id"], event["uuid"], "2001:db8::ffff:ffff:ffff:ffff",
                                     "phc_" + "x" * 60, datetime.now(timezone.utc), True)
