@@ -439,7 +439,7 @@ _COUNTRY_ALIASES = {
     "brunei": "BN", "burma": "MM", "dr congo": "CD", "congo republic": "CG", "democratic republic of the congo": "CD",
     "republic of the congo": "CG", "congo kinshasa": "CD", "congo brazzaville": "CG", "vatican city": "VA",
     "vatican": "VA", "east timor": "TL", "saint vincent and grenadines": "VC", "south korea": "KR",
-    "republic of korea": "KR", "korea": "KR", "north korea": "KP", "republic of lithuania": "LT",
+    "republic of korea": "KR", "north korea": "KP", "republic of lithuania": "LT",
     "hashemite kingdom of jordan": "JO", "republic of moldova": "MD", "aland": "AX", "uk": "GB",
     "great britain": "GB", "england": "GB", "scotland": "GB", "wales": "GB", "northern ireland": "GB",
     "us virgin islands": "VI", "u s virgin islands": "VI", "british virgin islands": "VG",
@@ -466,7 +466,9 @@ def _country_key(name: str) -> str:
 @functools.lru_cache(maxsize=1)
 def _country_index() -> dict[str, str]:
     """Normalized name -> ISO alpha-2 code, from pycountry's ISO 3166 data and the aliases."""
-    import pycountry  # loaded on first use: most hours of most projects need it, tests of other modules do not
+    # Imported on first use: a project that collects addresses never needs it,
+    # and its data costs each worker process a few MB.
+    import pycountry
 
     index: dict[str, str] = {}
     for country in pycountry.countries:
