@@ -389,11 +389,21 @@ def test_body_over_20_mb_decompressed_is_413(ph):
     assert ph.events == []
 
 
-def test_event_over_1_mb_is_dropped_silently(ph):
-    resp = post(ph, [ev("big", properties={"blob": "z" * (1 << 20)}), ev("small")])
-    assert resp.status_code == 200
-    assert [e.distinct_id for e in ph.events] == ["small"]
-    assert [d.distinct_id for d in ph.dropped] == ["big"]
+@pytest.mark.parametrize("blob", ['"' * 300_000, "z" * (1 << 20)],
+                         ids=["quotes double when escaped into the envelope", "over 1 MB as it is"])
+def test_event_over_the_kafka_limit_fails_the_request_after_the_events_before_it(ph, blob):
+    big = ev("big", properties={"blob": blob})
+    assert len(json.dumps(big)) < 1_000_000 or blob[0] == "z"  # the first is under 1 MB until escaped
+    resp = post(ph, [ev("before"), big, ev("after")])
+    assert (resp.status_code, resp.text) == (413, "maximum event size exceeded: Event rejected by kafka during send")
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    assert [e.distinct_id for e in ph.events] == ["before"], "written before the failure; never after it"
+    assert [d.distinct_id for d in ph.dropped] == ["big"] and ph.dropped[0].size > 1_000_000
+
+
+def test_an_event_just_under_the_kafka_limit_is_stored(ph):
+    resp = post(ph, [ev("fits", properties={"blob": "z" * 990_000})])
+    assert resp.status_code == 200 and [e.distinct_id for e in ph.events] == ["fits"]
 
 
 def test_distinct_id_is_stringified_and_cut_to_200_chars(ph):
@@ -472,6 +482,119 @@ def test_illegal_ids_are_ingested_but_never_merged(ph):
     assert len(ph.events) == 1
     assert ph.refused_merges[0].reason == "cannot_merge_with_illegal_distinct_id"
     assert ph.person_of("undefined") is None
+
+
+# ---- fake PostHog: ingestion ------------------------------------------------------------
+CONNECTOR_HOST = "100.64.0.7"  # in the test GeoIP table as Iceland: a leak would show
+
+
+@pytest.fixture
+def ph_at():
+    """A fake PostHog that sees every request come from CONNECTOR_HOST."""
+    with FakePostHog(PH_KEY, client_ip=CONNECTOR_HOST) as fake:
+        yield fake
+
+
+def test_envelope_ip_is_the_client_unless_capture_internal_and_a_falsy_ip_is_filled(ph_at):
+    post(ph_at, [ev("plain"), ev("internal", properties={"capture_internal": True}),
+                 ev("own", properties={"$ip": "203.0.113.5"}), ev("empty", properties={"$ip": ""}),
+                 ev("null", properties={"$ip": None})])
+    got = {e.distinct_id: (e.ip, e.ingested.get("$ip")) for e in ph_at.events}
+    assert got == {"plain": (CONNECTOR_HOST, CONNECTOR_HOST), "internal": ("127.0.0.1", "127.0.0.1"),
+                   "own": (CONNECTOR_HOST, "203.0.113.5"), "empty": (CONNECTOR_HOST, CONNECTOR_HOST),
+                   "null": (CONNECTOR_HOST, CONNECTOR_HOST)}
+    assert ph_at.events[0].properties == {}, "properties stay as sent; ingested is what PostHog holds"
+
+
+def test_without_client_ip_the_envelope_has_the_tcp_peer(ph):
+    post(ph, [ev("peer")])
+    assert ph.events[0].ip == "127.0.0.1"
+
+
+def test_geoip_resolves_ip_onto_event_and_person_as_the_transformation_does(ph_at):
+    post(ph_at, [ev("u1", properties={"$ip": "198.51.100.20"})])
+    (event,) = ph_at.events
+    assert event.ingested["$geoip_country_code"] == "DE" and event.ingested["$geoip_city_name"] == "Berlin"
+    person = ph_at.person_properties("u1")
+    assert person["$geoip_country_code"] == "DE" and person["$initial_geoip_country_code"] == "DE"
+    assert person["$geoip_time_zone"] == "Europe/Berlin"
+    # keys the lookup lacks are written as null too
+    assert "$geoip_city_confidence" in person and person["$geoip_city_confidence"] is None
+    assert "$geoip_city_confidence" not in event.ingested
+
+
+@pytest.mark.parametrize("props, country", [
+    ({"$ip": "203.0.113.9", "$geoip_disable": True}, None),
+    ({"$ip": "10.1.2.3"}, None),  # not in the table
+    ({"capture_internal": True}, "SE"),  # 127.0.0.1 is looked up as 89.160.20.129
+    ({"capture_internal": True, "$geoip_disable": True}, None),
+    ({}, "IS"),  # the client's own address
+], ids=["disabled", "unknown address", "127.0.0.1 becomes Sweden", "127.0.0.1 with geoip off", "client address"])
+def test_geoip_skips_and_spoofs_as_the_transformation_does(ph_at, props, country):
+    post(ph_at, [ev("u1", properties=props)])
+    assert ph_at.events[0].ingested.get("$geoip_country_code") == country
+    assert (ph_at.person_properties("u1") or {}).get("$initial_geoip_country_code") == country
+
+
+def without_geoip(props: dict | None) -> dict | None:
+    """A person's properties less what GeoIP wrote (the fake's 127.0.0.1 peer resolves to Sweden)."""
+    return None if props is None else {k: v for k, v in props.items() if "geoip_" not in k}
+
+
+def test_person_properties_set_set_once_unset_and_lifted_event_properties(ph):
+    post(ph, [ev("u1", properties={"$set": {"plan": "free", "a": 1}, "$set_once": {"first": "x"},
+                                   "$browser": "Chrome", "utm_source": "ads", "$os_name": "iOS"})])
+    post(ph, [ev("u1", properties={"$set": {"plan": "pro"}, "$set_once": {"first": "y"}, "$unset": ["a"],
+                                   "$browser": "Firefox", "utm_source": "mail"})])
+    assert without_geoip(ph.person_properties("u1")) == {
+        "plan": "pro", "first": "x", "$browser": "Firefox", "$initial_browser": "Chrome",
+        "utm_source": "mail", "$initial_utm_source": "ads", "$os": "iOS", "$initial_os": "iOS"}
+    assert ph.person_properties("nobody") is None
+
+
+def test_merged_persons_combine_properties_the_target_winning(ph):
+    post(ph, [ev("device", properties={"$set": {"plan": "free", "device_only": 1}}),
+              ev("user", properties={"$set": {"plan": "pro"}})])
+    post(ph, [ev("user", "$create_alias", properties={"alias": "device"})])
+    assert without_geoip(ph.person_properties("device")) == without_geoip(ph.person_properties("user")) \
+        == {"plan": "pro", "device_only": 1}
+
+
+def test_groups_exist_only_after_a_groupidentify_with_type_and_key(ph):
+    post(ph, [ev("u1", properties={"$groups": {"company": "acme"}}),
+              ev("u1", "$groupidentify", properties={"$group_type": "company"}),  # no key: nothing
+              ev("u1", "$groupidentify", properties={"$group_type": "company", "$group_key": "globex",
+                                                     "$group_set": {"plan": "pro"}, "$set": {"x": 1}})])
+    assert ph.groups() == {("company", "globex"): {"plan": "pro"}}
+    post(ph, [ev("u1", "$groupidentify", properties={"$group_type": "company", "$group_key": "globex",
+                                                     "$group_set": {"seats": 5}})])
+    assert ph.groups() == {("company", "globex"): {"plan": "pro", "seats": 5}}
+    assert "x" not in ph.person_properties("u1"), "a $groupidentify never changes the person"
+
+
+def test_process_person_profile_false_turns_person_processing_off(ph):
+    post(ph, [ev("anon", properties={"$process_person_profile": False, "$set": {"plan": "pro"}}),
+              ev("user-1", "$identify", properties={"$process_person_profile": False, "$anon_distinct_id": "d1"}),
+              ev("user-1", "$groupidentify", properties={"$process_person_profile": False,
+                                                         "$group_type": "company", "$group_key": "acme"}),
+              ev("user-2", properties={"$process_person_profile": "false", "$set": {"plan": "team"}})])
+    assert [e.distinct_id for e in ph.events] == ["anon", "user-2"], "person-only events are dropped"
+    assert ph.person_properties("anon") is None and ph.person_of("anon") is None
+    assert ph.events[0].ingested["$process_person_profile"] is False and not ph.events[0].person_processing
+    assert ph.person_of("d1") is None and ph.groups() == {}
+    assert without_geoip(ph.person_properties("user-2")) == {"plan": "team"}, "only a JSON false counts"
+    kinds = [w.type for w in ph.warnings]
+    assert kinds.count("invalid_event_when_process_person_profile_is_false") == 2
+    assert "invalid_process_person_profile" in kinds
+
+
+def test_lose_after_accept_answers_ok_and_stores_nothing(ph):
+    ph.inject("lose_after_accept")
+    lost = post(ph, [ev("u1", properties={"$set": {"plan": "pro"}})])
+    assert (lost.status_code, lost.content) == (200, b'{"status":"Ok"}')
+    assert ph.events == [] and ph.person_of("u1") is None
+    assert post(ph, [ev("u2")]).status_code == 200 and [e.distinct_id for e in ph.events] == ["u2"]
+    assert [r.status for r in ph.requests] == [200, 200]
 
 
 def test_posthog_faults_status_close_and_delay(ph):
