@@ -23,7 +23,7 @@ from .export import ExportClient
 from .health import Health
 from .metrics import Metrics
 from .sink import PostHogSink, PrintSink, RateLimiter
-from .store import DryRunStore, StateStore, open_store
+from .store import DryRunStore, StateStore, open_configured_store
 from .sync import Syncer
 from .worker import Translator, default_workers
 
@@ -101,8 +101,9 @@ class App:
         self.metrics = Metrics()
         self.health = Health(clock, max(3 * config.poll_interval, timedelta(minutes=15)))
         self.store: StateStore = (
-            DryRunStore(open_store(config.state_store_url, readonly=True)) if dry_run else open_store(config.state_store_url)
+            DryRunStore(open_configured_store(config, readonly=True)) if dry_run else open_configured_store(config)
         )
+        self.metrics.watch_lease(self.store.lease_state)
         rng = random.Random()
         self.export = export_client(config, stopper.sleep, rng,
                                     on_retry=lambda cause: self.metrics.retries.labels("amplitude", cause).inc(),

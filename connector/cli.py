@@ -22,9 +22,11 @@ from .app import App, Stopper, configure_logging, export_client, posthog_sink, u
 from .config import Config, load_config
 from .errors import ConfigError, ConnectorError, Interrupted, Problem
 from .hours import HOUR, iso_hour, parse_hour, plan
+from .lease import require_lease
 from .service import Service
 from .sqlite_store import sqlite_path
-from .store import StateStore, open_store
+from .store import StateStore, SyncInfo, open_configured_store, sync_name
+from .store_url import is_postgres, masked
 
 log = logging.getLogger("connector")
 
@@ -47,6 +49,7 @@ def cmd_sync(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     app = App(config, args.stopper, dry_run=args.dry_run, out=out)
     try:
         try:
+            require_lease(app.store)  # LeaseHeld (exit 1) while another connector works this sync
             reports = app.syncer.sync_due(max_hours=args.hours)
         except (ConfigError, Interrupted):
             raise
@@ -80,13 +83,39 @@ def status_report(config: Config, store: StateStore, now: datetime) -> dict:
         "totals": totals.counters,
         "rejected_by_reason": totals.rejected_by_reason,
         "last_error": store.last_error(),
+        **_sync_fields(config, store),
     }
 
 
+def _sync_fields(config: Config, store: StateStore) -> dict:
+    """This sync's name and who holds its lease (PostgreSQL; SQLite's flock cannot be seen by a reader)."""
+    name = sync_name(config)
+    info = next((s for s in store.syncs() if s.name == name), None)
+    lease = {"holder": info.holder, "expires_at": _iso(info.lease_expires_at), "active": info.lease_active} if info else None
+    return {"sync": name, "lease": lease}
+
+
+def all_syncs_report(config: Config, store: StateStore, now: datetime) -> dict:
+    """What `status --all` prints: every sync in the store with its cursor, lag and lease."""
+    return {"state": _shown_store(config), "syncs": [_sync_line(info, now) for info in store.syncs()]}
+
+
+def _sync_line(info: SyncInfo, now: datetime) -> dict:
+    lag = int((now - info.cursor).total_seconds()) if info.cursor else None
+    return {"sync": info.name, "cursor": _iso(info.cursor), "lag_seconds": lag, "hours_done": info.hours_done,
+            "lease": {"holder": info.holder, "expires_at": _iso(info.lease_expires_at), "active": info.lease_active},
+            "last_error": info.last_error}
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
 def cmd_status(config: Config, args: argparse.Namespace, out: TextIO) -> int:
-    store = open_store(config.state_store_url, readonly=True)
+    store = open_configured_store(config, readonly=True)
     try:
-        out.write(json.dumps(status_report(config, store, utcnow()), indent=2) + "\n")
+        report = all_syncs_report if args.all else status_report
+        out.write(json.dumps(report(config, store, utcnow()), indent=2) + "\n")
     finally:
         store.close()
     return EXIT_OK
@@ -97,7 +126,7 @@ def cmd_rejected(config: Config, args: argparse.Namespace, out: TextIO) -> int:
         hour = parse_hour(args.hour) if args.hour else None
     except ValueError:
         raise ConfigError([Problem("--hour", f"--hour must be an hour such as 2025-07-01T10, got {args.hour!r}")]) from None
-    store = open_store(config.state_store_url, readonly=True)
+    store = open_configured_store(config, readonly=True)
     try:
         for at, r in store.rejections(hour=hour, reason=args.reason, limit=args.limit):
             try:
@@ -126,11 +155,15 @@ def cmd_check(config: Config, args: argparse.Namespace, out: TextIO) -> int:
 
 def _check_store(config: Config) -> dict:
     """The store can be read, and written where the connector will write; nothing is created."""
+    if is_postgres(config.state_store_url):
+        from .postgres_store import check_store
+
+        return check_store(config.state_store_url)
     path = sqlite_path(config.state_store_url)
     shown = _shown_store(config)
     if os.path.exists(path):
         try:
-            open_store(config.state_store_url, readonly=True).close()
+            open_configured_store(config, readonly=True).close()
         except ConnectorError as exc:
             return {"ok": False, "store": shown, "error": str(exc)}
         writable = os.access(path, os.W_OK)
@@ -144,7 +177,7 @@ def _check_store(config: Config) -> dict:
 
 
 def _shown_store(config: Config) -> str:
-    return config.state_store_url
+    return masked(config.state_store_url)
 
 
 # -- the parser -------------------------------------------------------------
@@ -156,8 +189,12 @@ A failing hour is retried on later ticks with backoff; the process keeps
 running. SIGTERM or Ctrl-C stops it within seconds; an unfinished hour is
 redone from its start next time. Serves /healthz and /metrics on HEALTH_PORT.
 
-exit status: 0 after a stop, 1 when it cannot continue (e.g. the state is
-locked by another connector), 2 configuration or key errors.
+With a PostgreSQL store, a second connector on the same sync waits as a
+standby and takes over when the working one's lease runs out.
+
+exit status: 0 after a stop, 1 when it cannot continue (e.g. the SQLite state
+is locked by another connector), 2 configuration or key errors (an unreachable
+PostgreSQL store at start included).
 
 example: python -m connector --env-file .env run"""),
     "sync": (cmd_sync, "sync every due hour once and exit", """\
@@ -166,19 +203,22 @@ the events it would send, as JSON lines, over the same hours, and changes
 nothing: no request to PostHog, no write to the state store.
 
 exit status: 0 every hour delivered, 1 an hour failed (see `status`:
-last_error), 2 configuration or key errors.
+last_error) or another connector works this sync, 2 configuration or key errors.
 
 examples: python -m connector --env-file .env sync --hours 2
           python -m connector --env-file .env sync --dry-run --hours 1 | head"""),
     "status": (cmd_status, "print the plan, totals and last error as JSON", """\
 Prints the cursor (the first hour not yet delivered), backlog, next due time,
-lag, totals, rejections by reason and the last error. Reads the state without
-locking, so it works next to a running connector; before the first sync it
-prints the plan the first sync would follow.
+lag, totals, rejections by reason, the last error, and the sync's name and
+lease. Reads the state without locking, so it works next to a running
+connector; before the first sync it prints the plan the first sync would
+follow. With --all: every sync in the store (PostgreSQL holds many), each
+with its cursor, lag, hours done, lease holder and last error.
 
-exit status: 0, or 2 for configuration errors.
+exit status: 0, or 2 for configuration errors (an unreachable store included).
 
-example: docker exec connector python -m connector status"""),
+examples: docker exec connector python -m connector status
+          python -m connector --env-file .env status --all"""),
     "check": (cmd_check, "reach Amplitude, PostHog and the state store; change nothing", """\
 Validates the configuration, asks Amplitude for one hour (headers only),
 sends PostHog an empty batch, and checks the state store can be read and
@@ -215,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["sync"].add_argument("--dry-run", action="store_true",
                                  help="print the events as JSON lines; send nothing, store nothing")
     parsers["sync"].add_argument("--hours", type=int, default=None, help="at most this many hours (default: all due)")
+    parsers["status"].add_argument("--all", action="store_true",
+                                   help="list every sync in the store with its cursor, lag and lease")
     parsers["rejected"].add_argument("--hour", help="only this hour (YYYY-MM-DDTHH)")
     parsers["rejected"].add_argument("--reason", help="only this reason, e.g. no_usable_id")
     parsers["rejected"].add_argument("--limit", type=int, default=100, help="at most this many (default 100)")

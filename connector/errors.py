@@ -5,10 +5,14 @@
     │   └── AuthError          keys, project key or region are wrong (401/403)
     ├── RetryLater             a transient fault; the same work is retried later
     │   ├── ExportUnavailable  Amplitude answered 429/5xx/timeout/garbage
-    │   └── PostHogUnavailable PostHog answered 429/5xx/timeout or refused the connection
+    │   ├── PostHogUnavailable PostHog answered 429/5xx/timeout or refused the connection
+    │   └── StoreUnavailable   the PostgreSQL state store did not answer (restart, network); the hour is redone
     ├── OperatorActionNeeded   retrying cannot help; a person must act
     │   ├── HourTooLarge       a single hour is over the Export API's 4 GB limit
     │   └── StateError         the state store is missing, unwritable, full or locked
+    ├── LeaseLost              another connector works this sync now: the hour stops, nothing of it is
+    │   │                      committed, and this connector waits as a standby
+    │   └── LeaseHeld          another connector held the lease already: `sync` exits 1, `run` waits as a standby
     ├── RecordRejected         one record cannot be imported; it is kept with its reason
     └── Interrupted            the process is stopping; the unfinished hour is redone next start
 
@@ -69,6 +73,14 @@ class PostHogUnavailable(RetryLater):
     """PostHog did not accept a batch this time."""
 
 
+class StoreUnavailable(RetryLater):
+    """The PostgreSQL state store could not be reached or dropped the connection mid-write.
+
+    Nothing half-done stays: every write is one transaction, so the hour is redone
+    (or, when its commit did land, the next attempt finds the cursor already past it).
+    """
+
+
 class OperatorActionNeeded(ConnectorError):
     """Retrying will not help; the message says what a person must do."""
 
@@ -79,6 +91,16 @@ class HourTooLarge(OperatorActionNeeded):
 
 class StateError(OperatorActionNeeded):
     """The state store cannot be used (missing directory, read-only, disk full, locked)."""
+
+
+class LeaseLost(ConnectorError):
+    """This connector no longer holds the lease of its sync (a pause or a partition
+    outlasted it, and another connector may have taken over). The write that found
+    out was refused in its own transaction, so nothing of the hour is committed."""
+
+
+class LeaseHeld(LeaseLost):
+    """Another connector holds the lease of this sync; this one never had it."""
 
 
 class RecordRejected(ConnectorError):

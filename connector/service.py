@@ -3,6 +3,11 @@
 A failing tick is logged, kept as the store's last error and retried on later
 ticks with backoff (poll interval x 2^n, at most one hour); the process keeps
 running. Only configuration errors (and a stop) end the loop.
+
+A tick first makes sure this connector holds its sync's lease. When another
+connector holds it (or takes it over mid-hour: `LeaseLost`), this one is a
+standby: it logs so once per holder, stays healthy, and tries again every
+lease/3 until the lease runs out or is released, then takes over.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ from datetime import datetime, timedelta
 import schedule
 
 from .app import App
-from .errors import ConfigError, ConnectorError, Interrupted
+from .errors import ConfigError, ConnectorError, Interrupted, LeaseHeld, LeaseLost
 from .health import serve
 from .hours import iso_hour
+from .lease import renew_interval, require_lease
 
 log = logging.getLogger("connector")
 
@@ -30,6 +36,9 @@ class Service:
         self._failures = 0
         self._retry_at: datetime | None = None
         self._announced_end = False
+        self._standby = False
+        self._standby_holder: str | None = None
+        self._announced_fence = 0
 
     def run(self) -> None:
         """Serve until stopped; raises `Interrupted` on a stop, `ConfigError` when settings are wrong."""
@@ -40,6 +49,7 @@ class Service:
             log.info("health endpoint listening", extra={"port": config.health_port, "paths": ["/healthz", "/metrics"]})
         scheduler = schedule.Scheduler()
         scheduler.every(config.poll_interval.total_seconds()).seconds.do(self.tick)
+        scheduler.every(renew_interval(config.lease)).seconds.do(self.watch_lease)
         log.info("connector started", extra={"cursor": iso_hour(app.syncer.plan().cursor),
                                              "poll_interval_s": config.poll_interval.total_seconds()})
         self.tick()
@@ -52,25 +62,64 @@ class Service:
     def tick(self) -> None:
         app = self._app
         if self._retry_at and app.clock() < self._retry_at:
-            app.health.beat(app.store.last_error())
+            app.health.beat(self._last_error())
             return
         try:
+            self._hold_lease()
             app.syncer.sync_due()
+            self._succeeded()  # inside the try: with PostgreSQL its reads can fail too
         except (ConfigError, Interrupted):
             raise
+        except LeaseLost as exc:
+            self._stand_by(exc)
         except Exception as exc:  # noqa: BLE001 - the loop must outlive a bug in one tick
             self._failed(exc)
-        else:
-            if self._failures:
-                app.store.record_error(None)
-            self._failures, self._retry_at = 0, None
-            app.health.beat(None)
-            plan = app.syncer.plan()
-            if plan.finished and not self._announced_end:
-                self._announced_end = True
-                log.info("END_DATE reached: every hour before it is delivered; idling",
-                         extra={"end": iso_hour(plan.cursor)})
         app.metrics.last_tick.set(app.clock().timestamp())
+
+    def _succeeded(self) -> None:
+        app = self._app
+        if self._failures:
+            app.store.record_error(None)
+        self._failures, self._retry_at = 0, None
+        app.health.beat(None)
+        plan = app.syncer.plan()
+        if plan.finished and not self._announced_end:
+            self._announced_end = True
+            log.info("END_DATE reached: every hour before it is delivered; idling",
+                     extra={"end": iso_hour(plan.cursor)})
+
+    def watch_lease(self) -> None:
+        """A standby's poll, every lease/3: tick, which takes the lease if it is free now."""
+        if self._standby:
+            self.tick()
+
+    def _hold_lease(self) -> None:
+        state = require_lease(self._app.store)  # raises LeaseHeld: another connector works the sync
+        if state.fence != self._announced_fence and state.expires_at is not None:
+            self._announced_fence = state.fence
+            log.info("lease acquired: this connector works the sync",
+                     extra={"sync": state.sync, "holder": state.holder, "fence": state.fence,
+                            "takeover": self._standby, "takeovers": state.takeovers})
+        self._standby, self._standby_holder = False, None
+
+    def _stand_by(self, exc: LeaseLost) -> None:
+        app = self._app
+        state = app.store.lease_state()
+        if not self._standby or state.holder != self._standby_holder:
+            log.log(logging.INFO if isinstance(exc, LeaseHeld) else logging.WARNING,
+                    "standby: another connector works this sync; taking over when its lease runs out",
+                    extra={"sync": state.sync, "holder": state.holder,
+                           "lease_expires_at": state.expires_at.isoformat() if state.expires_at else None,
+                           "poll_s": round(renew_interval(app.config.lease), 1), "reason": str(exc)})
+        self._standby, self._standby_holder = True, state.holder
+        self._failures, self._retry_at = 0, None
+        app.health.beat(None)  # a standby is healthy: it is doing its job
+
+    def _last_error(self) -> str | None:
+        try:
+            return self._app.store.last_error()
+        except ConnectorError as exc:  # a PostgreSQL store may be unreachable right now
+            return f"{type(exc).__name__}: {exc}"
 
     def _failed(self, exc: Exception) -> None:
         app = self._app
