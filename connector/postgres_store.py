@@ -42,6 +42,7 @@ every message (`store_url.scrub`).
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from contextlib import contextmanager
@@ -88,7 +89,8 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                digest text NOT NULL, PRIMARY KEY (sync_id, group_type, group_key))""",
         """CREATE TABLE connector_rejections (
                id bigserial PRIMARY KEY, sync_id integer NOT NULL, hour timestamptz NOT NULL,
-               reason text NOT NULL, detail text NOT NULL, raw bytea NOT NULL)""",
+               reason text NOT NULL, detail text NOT NULL, raw bytea NOT NULL,
+               batch text NOT NULL)""",
         "CREATE INDEX connector_rejections_sync_hour ON connector_rejections (sync_id, hour)",
     )),
 )
@@ -130,13 +132,23 @@ def _refuse_newer(version: int) -> None:
 class _Link:
     """One connection, opened on first use and again after the server dropped it.
 
-    psycopg errors leave as `StoreUnavailable` (the server is unreachable, restarting,
-    timed out: retry) or `StateError` (anything else), their text scrubbed of the
-    password and not chained, so no traceback can carry the original text either.
+    `run(work)` retries `work` on a new connection while the connection is lost
+    (a server restart, a network cut), for up to `retry_for` seconds, unless the
+    caller says not to (`retry=False`, at start: an unreachable store is reported
+    at once). Every work given is safe to repeat: a transaction the server dropped
+    was rolled back, and one whose COMMIT landed just before the connection went
+    finds its own effect the second time (inserts that do nothing, the commit's
+    cursor already moved by this holder). Then, or when time is up, psycopg
+    errors leave as `StoreUnavailable` (unreachable, restarting, timed out: retry
+    later) or `StateError` (anything else), their text scrubbed of the password
+    and not chained, so no traceback can carry the original text either.
     """
 
-    def __init__(self, url: str, *, connect_timeout: float, statement_timeout: float, idle_timeout: float):
+    def __init__(self, url: str, *, connect_timeout: float, statement_timeout: float, idle_timeout: float,
+                 retry_for: float = 0.0, sleep: Callable[[float], None] = time.sleep):
         self._url = url
+        self._retry_for = retry_for
+        self._sleep = sleep
         self._connect_timeout = max(1, round(connect_timeout))
         self._settings = {
             "TimeZone": "UTC",
@@ -157,19 +169,28 @@ class _Link:
             conn.execute("SELECT set_config(%s, %s, false)", (name, value))
         return conn
 
-    def run(self, work: Callable[[psycopg.Connection], T]) -> T:
-        try:
-            if self._conn is None or self._conn.closed:
-                self._conn = self._connect()
-            return work(self._conn)
-        except psycopg.OperationalError as exc:
-            self.drop()
-            raise StoreUnavailable(f"the PostgreSQL state store did not answer: {self.describe(exc)}",
-                                   cause="store") from None
-        except psycopg.Error as exc:
-            if self._conn is not None and self._conn.broken:
+    def run(self, work: Callable[[psycopg.Connection], T], *, retry: bool = True) -> T:
+        deadline = time.monotonic() + (self._retry_for if retry else 0.0)
+        pause = 0.1
+        while True:
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = self._connect()
+                return work(self._conn)
+            except psycopg.OperationalError as exc:
+                lost = self._conn is None or self._conn.closed or self._conn.broken
                 self.drop()
-            raise StateError(f"the PostgreSQL state store refused: {self.describe(exc)}") from None
+                if lost and time.monotonic() + pause < deadline:
+                    log.info("state store connection lost; retrying", extra={"error": self.describe(exc)})
+                    self._sleep(pause)
+                    pause = min(2 * pause, 2.0)
+                    continue
+                raise StoreUnavailable(f"the PostgreSQL state store did not answer: {self.describe(exc)}",
+                                       cause="store") from None
+            except psycopg.Error as exc:
+                if self._conn is not None and self._conn.broken:
+                    self.drop()
+                raise StateError(f"the PostgreSQL state store refused: {self.describe(exc)}") from None
 
     def describe(self, exc: BaseException) -> str:
         return scrub(" ".join(str(exc).split()), self._url) or type(exc).__name__
@@ -210,8 +231,10 @@ class PostgresStore:
         self._holder = holder or holder_id()
         self._monotonic = monotonic
         self._renew_enabled = renew
+        # A restart or a short cut is ridden out within the hour for up to a lease;
+        # longer, the lease is gone anyway and the hour fails (StoreUnavailable).
         self._main = _Link(url, connect_timeout=10, statement_timeout=max(60.0, lease.total_seconds()),
-                           idle_timeout=self._interval)
+                           idle_timeout=self._interval, retry_for=lease.total_seconds())
         self._side = _Link(url, connect_timeout=self._interval, statement_timeout=self._interval,
                            idle_timeout=self._interval)
         self._sync_id: int | None = None
@@ -232,31 +255,31 @@ class PostgresStore:
 
     def _open(self) -> None:
         if self._readonly:
-            self._main.run(self._check_schema)
-            self._sync_id = self._find_sync()
+            self._main.run(self._check_schema, retry=False)
+            self._sync_id = self._find_sync(retry=False)
             return
-        self._main.run(migrate)
+        self._main.run(migrate, retry=False)
 
         def create(conn: psycopg.Connection) -> int:
             # DO NOTHING, not an upsert: it must not lock (or rewrite) the row a holder works under.
             conn.execute("INSERT INTO connector_syncs (name) VALUES (%s) ON CONFLICT (name) DO NOTHING", (self.sync,))
             return conn.execute("SELECT id FROM connector_syncs WHERE name = %s", (self.sync,)).fetchone()[0]
 
-        self._sync_id = self._main.run(create)
+        self._sync_id = self._main.run(create, retry=False)
 
     @staticmethod
     def _check_schema(conn: psycopg.Connection) -> None:
         if conn.execute("SELECT to_regclass('connector_schema_version')").fetchone()[0] is not None:
             _refuse_newer(conn.execute("SELECT coalesce(max(version), 0) FROM connector_schema_version").fetchone()[0])
 
-    def _find_sync(self) -> int | None:
+    def _find_sync(self, retry: bool = True) -> int | None:
         def find(conn: psycopg.Connection) -> int | None:
             if conn.execute("SELECT to_regclass('connector_syncs')").fetchone()[0] is None:
                 return None
             row = conn.execute("SELECT id FROM connector_syncs WHERE name = %s", (self.sync,)).fetchone()
             return row[0] if row else None
 
-        return self._main.run(find)
+        return self._main.run(find, retry=retry)
 
     def _id(self) -> int | None:
         """The sync's row id; a reader looks again, as a writer may have created it since."""
@@ -289,7 +312,7 @@ class PostgresStore:
             """WITH candidate AS (
                    SELECT id, holder AS previous_holder, lease_expires AS previous_expires
                    FROM connector_syncs
-                   WHERE id = %(id)s AND (lease_expires IS NULL OR lease_expires <= now())
+                   WHERE id = %(id)s AND (lease_expires IS NULL OR lease_expires <= now() OR holder = %(holder)s)
                    FOR UPDATE SKIP LOCKED)
                UPDATE connector_syncs AS s
                SET holder = %(holder)s, fence = s.fence + 1, lease_expires = now() + %(lease)s, updated_at = now()
@@ -416,17 +439,25 @@ class PostgresStore:
             (message, self._sync_id)))
 
     def _commit(self, hour: datetime, fence: int, next_cursor: datetime, counts: HourCounts) -> None:
+        attempts = 0
+
         def transaction(conn: psycopg.Connection) -> str | None:
+            nonlocal attempts
+            attempts += 1
             with conn.transaction():
                 moved = conn.execute(
                     "UPDATE connector_syncs SET cursor_hour = %s, last_error = NULL, updated_at = now() "
-                    "WHERE id = %s AND holder = %s AND fence = %s AND lease_expires > now() AND cursor_hour = %s "
+                    "WHERE id = %s AND holder = %s AND fence = %s AND lease_expires > now() "
+                    # No cursor yet: the loop stores none before the first hour's commit.
+                    "AND (cursor_hour = %s OR cursor_hour IS NULL) "
                     "RETURNING id", (next_cursor, self._sync_id, self._holder, fence, hour)).fetchone()
                 if moved is None:
                     holder, row_fence, active, cursor = conn.execute(
                         "SELECT holder, fence, lease_expires > now(), cursor_hour FROM connector_syncs WHERE id = %s",
                         (self._sync_id,)).fetchone()
                     if holder == self._holder and row_fence == fence and active:
+                        if attempts > 1 and cursor is not None and _utc(cursor) == next_cursor:
+                            return None  # the attempt the lost connection cut off did land
                         return (f"the cursor of sync {self.sync!r} is at {iso_hour(_utc(cursor)) if cursor else None}, "
                                 f"not at {iso_hour(hour)}: not committing that hour again")
                     raise _Refused()
@@ -551,17 +582,19 @@ def check_store(url: str) -> dict:
     result: dict = {"store": masked(url)}
     link = _Link(url, connect_timeout=10, statement_timeout=10, idle_timeout=10)
 
-    def probe(conn: psycopg.Connection) -> tuple[int | None, bool]:
+    def probe(conn: psycopg.Connection) -> tuple[bool, int | None, bool]:
         if conn.execute("SELECT to_regclass('connector_schema_version')").fetchone()[0] is None:
-            return None, bool(conn.execute(
+            return False, None, bool(conn.execute(
                 "SELECT coalesce(has_schema_privilege(current_schema(), 'CREATE'), false)").fetchone()[0])
-        version = conn.execute("SELECT coalesce(max(version), 0) FROM connector_schema_version").fetchone()[0]
         writable = all(conn.execute(f"SELECT has_table_privilege(%s, '{privilege}')", (table,)).fetchone()[0]
                        for table in TABLES for privilege in ("SELECT", "INSERT", "UPDATE", "DELETE"))
-        return version, writable
+        if not conn.execute("SELECT has_table_privilege('connector_schema_version', 'SELECT')").fetchone()[0]:
+            return True, None, False
+        version = conn.execute("SELECT coalesce(max(version), 0) FROM connector_schema_version").fetchone()[0]
+        return True, version, writable
 
     try:
-        version, writable = link.run(probe)
+        exists, version, writable = link.run(probe, retry=False)
     except (StoreUnavailable, StateError) as exc:
         return {"ok": False, **result, "error": _reason(exc)}
     finally:
@@ -569,7 +602,7 @@ def check_store(url: str) -> dict:
     result.update(schema_version=version, writable=writable)
     if not writable:
         result["error"] = ("this role cannot create the connector's tables in the database's current schema"
-                           if version is None else "this role cannot write the connector's tables")
+                           if version is None and not exists else "this role cannot write the connector's tables")
     elif (version or 0) > LATEST_VERSION:
         result["error"] = f"schema version {version} is newer than this connector ({LATEST_VERSION}): upgrade it"
     return {"ok": "error" not in result, **result}
@@ -624,12 +657,18 @@ class _PostgresHour:
         if not rejections:
             return
         store = self._store
+        # The batch token makes a repeat (after a lost connection) a no-op: the rows
+        # are kept once even when the first attempt's COMMIT did land.
+        batch = secrets.token_hex(8)
         store._fenced(self._fence, "recording rejections was", lambda conn: conn.execute(
-            "INSERT INTO connector_rejections (sync_id, hour, reason, detail, raw) "
-            "SELECT %s, %s, r, d, w FROM unnest(%s::text[], %s::text[], %s::bytea[]) WITH ORDINALITY AS x(r, d, w, n) "
+            "INSERT INTO connector_rejections (sync_id, hour, reason, detail, raw, batch) "
+            "SELECT %(sync)s, %(hour)s, r, d, w, %(batch)s "
+            "FROM unnest(%(reasons)s::text[], %(details)s::text[], %(raws)s::bytea[]) WITH ORDINALITY AS x(r, d, w, n) "
+            "WHERE NOT EXISTS (SELECT 1 FROM connector_rejections "
+            "                  WHERE sync_id = %(sync)s AND hour = %(hour)s AND batch = %(batch)s) "
             "ORDER BY n",
-            (store._sync_id, self._hour, [r.reason for r in rejections], [r.detail for r in rejections],
-             [r.raw for r in rejections])))
+            {"sync": store._sync_id, "hour": self._hour, "batch": batch, "reasons": [r.reason for r in rejections],
+             "details": [r.detail for r in rejections], "raws": [r.raw for r in rejections]}))
 
     def commit(self, next_cursor: datetime, counts: HourCounts) -> None:
         self._store._commit(self._hour, self._fence, next_cursor, counts)

@@ -97,6 +97,13 @@ def test_commit_advances_the_cursor_with_the_hours_counts(backend):
     assert [r.raw for _, r in store.rejections(hour=H)] == [b"{}"]
 
 
+def test_the_first_commit_stores_the_cursor_when_none_was_stored(backend):
+    store = backend.open()
+    with store.hour(H) as txn:  # the loop stores no cursor before its first hour commits
+        txn.commit(H + HOUR, HourCounts(events_read=1))
+    assert store.cursor() == H + HOUR and store.totals().counters["hours_done"] == 1
+
+
 def test_an_unfinished_hour_keeps_the_cursor_and_its_redo_starts_clean(backend):
     store = backend.open()
     store.start_at(H)
