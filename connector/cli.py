@@ -91,7 +91,8 @@ def _sync_fields(config: Config, store: StateStore) -> dict:
     """This sync's name and who holds its lease (PostgreSQL; SQLite's flock cannot be seen by a reader)."""
     name = sync_name(config)
     info = next((s for s in store.syncs() if s.name == name), None)
-    lease = {"holder": info.holder, "expires_at": _iso(info.lease_expires_at), "active": info.lease_active} if info else None
+    known = info is not None and info.lease_active is not None  # a reader cannot see SQLite's flock
+    lease = {"holder": info.holder, "expires_at": _iso(info.lease_expires_at), "active": info.lease_active} if known else None
     return {"sync": name, "lease": lease}
 
 

@@ -357,7 +357,9 @@ class PostgresStore:
             log.warning("cannot renew the lease; trying again", extra={"sync": self.sync, "error": str(exc)})
             return True  # the lease still runs until its deadline; the next attempt may reach the server
         with self._state_lock:
-            if row is None or fence != self._fence:
+            if fence != self._fence:
+                return False  # acquired again meanwhile: that acquisition renews on its own thread
+            if row is None:
                 self._held = False
                 log.warning("lease lost: another connector holds it or it ran out", extra={"sync": self.sync})
                 return False

@@ -235,6 +235,8 @@ def test_a_holder_paused_past_its_lease_cannot_commit_after_the_takeover(amp, ph
         refused = paused.wait_for_log(lambda l: l["message"].startswith("standby:"), 30, "the resumed one to stand by")
         assert "the commit of hour 2025-07-01T10:00:00Z was refused" in refused["reason"], refused
         assert refused["level"] == "WARNING" and refused["holder"].split(":")[1] == str(other.pid)
+        assert any(l["message"] == "lease ran out before it could be renewed" for l in paused.logs), \
+            "resumed, its renewal thread found the lease gone at once"
         text = paused.metrics()
         assert metric(text, "connector_lease_held") == 0.0
         assert re.search(rf'connector_lease_info\{{[^}}]*holder="[^"]*:{other.pid}:[^"]*"[^}}]*role="standby"', text)
