@@ -19,8 +19,8 @@ compared, the expiry is the DATABASE's clock (`now()`), never this machine's:
   the hour's commit) runs in one transaction that first checks holder, fence
   and expiry on the row (`FOR SHARE`, so no takeover can commit in between)
   and raises `LeaseLost` when they do not match: nothing of it is written.
-  The commit also requires the cursor to still be at the hour it commits, so
-  no hour is ever committed twice.
+  The commit also requires the cursor to still be at the hour it commits (or
+  no cursor stored yet), so no hour is ever committed twice.
 - reads inside an hour refuse (`LeaseLost`) once this connector knows it lost
   the lease or its last successful renewal is a whole lease length old, so a
   connector resumed after a pause stops at its next block instead of sending
@@ -34,9 +34,11 @@ The schema is created and migrated here (`migrate`), versioned in
 connectors starting at once on an empty database create it once. Readers
 (`status`, `rejected`, dry runs) create nothing and read a missing schema or
 sync as empty. Connections are opened lazily and again after the server dropped
-them; a failure is `StoreUnavailable` (retryable) at run time and a
-`ConfigError` naming STATE_STORE_URL at start. The URL's password is masked in
-every message (`store_url.scrub`).
+them: a read or write cut off by a restart is retried on a new connection for
+up to one lease (each is safe to repeat, see `_Link`); then, or for any other
+failure, it is `StoreUnavailable` (retryable) at run time, and at start a
+`ConfigError` naming STATE_STORE_URL. The URL's password is masked in every
+message (`store_url.scrub`).
 """
 
 from __future__ import annotations
