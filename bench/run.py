@@ -114,16 +114,20 @@ def _timeout(events: int) -> float:
     return 120 + events / 250  # far above any expected run; only a safety net
 
 
-def run_connector(fakes: Fakes, meta: dict, workdir: Path, tag: str, workers: int | None = None) -> dict:
+def run_connector(fakes: Fakes, meta: dict, workdir: Path, tag: str, workers: int | None = None,
+                  store_url: str | None = None) -> dict:
+    """One `sync` over the export; `store_url` (an empty PostgreSQL database) instead of a fresh SQLite file."""
     state_dir = Path(tempfile.mkdtemp(prefix="state-", dir=workdir))
     env = connector_env(fakes, meta, state_dir / "state.sqlite")
+    if store_url is not None:
+        env["STATE_STORE_URL"] = store_url
     if workers is not None:
         env["WORKERS"] = str(workers)
     m = run_measured([PY, "-m", "connector", "sync"], env=env, cwd=str(ROOT),
                      stderr_path=str(workdir / f"{tag}.stderr"), timeout=_timeout(meta["events"]))
     sink = fakes.sink_stats()
     status = {}
-    if os.path.exists(state_dir / "state.sqlite"):
+    if store_url is not None or os.path.exists(state_dir / "state.sqlite"):
         out = subprocess.run([PY, "-m", "connector", "status"], env=env, cwd=str(ROOT), capture_output=True, timeout=60)
         try:
             status = json.loads(out.stdout)

@@ -27,7 +27,7 @@ from .readback import PostHogQuery
 from .redact import Redactor
 from .verify import Verifier
 from .sink import PostHogSink, PrintSink, RateLimiter
-from .store import DryRunStore, StateStore, open_store
+from .store import DryRunStore, StateStore, open_configured_store
 from .sync import Syncer
 from .worker import Translator, default_workers
 
@@ -115,12 +115,13 @@ class App:
         self.metrics = Metrics()
         self.health = Health(clock, max(3 * config.poll_interval, timedelta(minutes=15)))
         self.store: StateStore = (
-            DryRunStore(open_store(config.state_store_url, readonly=True)) if dry_run else open_store(config.state_store_url)
+            DryRunStore(open_configured_store(config, readonly=True)) if dry_run else open_configured_store(config)
         )
         self.tmp_dir = export_dir(tmp_dir)
         left = remove_leftovers(self.tmp_dir)
         if left:
             log.info("removed downloads left by an earlier run", extra={"files": len(left), "dir": self.tmp_dir})
+        self.metrics.watch_lease(self.store.lease_state)
         rng = random.Random()
         self.export = export_client(config, stopper.sleep, rng, tmp_dir=self.tmp_dir,
                                     on_retry=lambda cause: self.metrics.retries.labels("amplitude", cause).inc(),

@@ -22,10 +22,12 @@ from .app import App, Stopper, configure_logging, export_client, posthog_sink, r
 from .config import Config, load_config
 from .errors import ConfigError, ConnectorError, Interrupted, Problem
 from .hours import HOUR, hour_range, iso_hour, parse_hour, plan
+from .lease import require_lease
 from .redact import mask_url
 from .service import Service
 from .sqlite_store import sqlite_path
-from .store import EmptyStore, StateStore, open_store
+from .store import EmptyStore, StateStore, SyncInfo, open_configured_store, sync_name
+from .store_url import is_postgres, masked
 
 log = logging.getLogger("connector")
 
@@ -50,6 +52,7 @@ def cmd_sync(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     _warn(app)
     try:
         try:
+            require_lease(app.store)  # LeaseHeld (exit 1) while another connector works this sync
             reports = app.syncer.sync_due(max_hours=args.hours)
         except (ConfigError, Interrupted):
             raise
@@ -90,6 +93,7 @@ def status_report(config: Config, store: StateStore, now: datetime) -> dict:
         "last_error": store.last_error(),
         "verification": verification_summary(store) if config.posthog_personal_api_key else None,
         "warnings": warnings(config, stored, now),
+        **_sync_fields(config, store),
     }
 
 
@@ -110,16 +114,44 @@ def verification_summary(store: StateStore) -> dict:
 def warnings(config: Config, stored: datetime | None, now: datetime) -> list[str]:
     """Settings that are valid but probably not what the user meant."""
     found = []
-    if stored is None and config.start_date is not None and config.start_date > now:
-        found.append(f"START_DATE ({config.start_date:%Y-%m-%dT%H}) is in the future: nothing is due before "
-                     f"{config.start_date + HOUR + config.export_delay:%Y-%m-%d %H:%M} UTC")
+    cursor = stored or config.start_date
+    if cursor is not None and cursor > now:
+        what = "the stored cursor (from START_DATE)" if stored else "START_DATE"
+        found.append(f"{what} ({cursor:%Y-%m-%dT%H}) is in the future: nothing is due before "
+                     f"{cursor + HOUR + config.export_delay:%Y-%m-%d %H:%M} UTC")
     return found
 
 
+def _sync_fields(config: Config, store: StateStore) -> dict:
+    """This sync's name and who holds its lease (PostgreSQL; SQLite's flock cannot be seen by a reader)."""
+    name = sync_name(config)
+    info = next((s for s in store.syncs() if s.name == name), None)
+    known = info is not None and info.lease_active is not None  # a reader cannot see SQLite's flock
+    lease = {"holder": info.holder, "expires_at": _iso(info.lease_expires_at), "active": info.lease_active} if known else None
+    return {"sync": name, "lease": lease}
+
+
+def all_syncs_report(config: Config, store: StateStore, now: datetime) -> dict:
+    """What `status --all` prints: every sync in the store with its cursor, lag and lease."""
+    return {"state": _shown_store(config), "syncs": [_sync_line(info, now) for info in store.syncs()]}
+
+
+def _sync_line(info: SyncInfo, now: datetime) -> dict:
+    lag = int((now - info.cursor).total_seconds()) if info.cursor else None
+    return {"sync": info.name, "cursor": _iso(info.cursor), "lag_seconds": lag, "hours_done": info.hours_done,
+            "lease": {"holder": info.holder, "expires_at": _iso(info.lease_expires_at), "active": info.lease_active},
+            "last_error": info.last_error}
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
 def cmd_status(config: Config, args: argparse.Namespace, out: TextIO) -> int:
-    store = open_store(config.state_store_url, readonly=True)
+    store = open_configured_store(config, readonly=True)
     try:
-        out.write(json.dumps(status_report(config, store, utcnow()), indent=2) + "\n")
+        report = all_syncs_report if args.all else status_report
+        out.write(json.dumps(report(config, store, utcnow()), indent=2) + "\n")
     finally:
         store.close()
     return EXIT_OK
@@ -130,7 +162,7 @@ def cmd_rejected(config: Config, args: argparse.Namespace, out: TextIO) -> int:
         hour = parse_hour(args.hour) if args.hour else None
     except ValueError:
         raise ConfigError([Problem("--hour", f"--hour must be an hour such as 2025-07-01T10, got {args.hour!r}")]) from None
-    store = open_store(config.state_store_url, readonly=True)
+    store = open_configured_store(config, readonly=True)
     try:
         for at, r in store.rejections(hour=hour, reason=args.reason, limit=args.limit):
             try:
@@ -211,7 +243,7 @@ def cmd_repair(config: Config, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _verify_then_repair(config: Config, args: argparse.Namespace, out: TextIO, start, stop) -> int:
-    store = open_store(config.state_store_url, readonly=True)
+    store = open_configured_store(config, readonly=True)
     try:
         verifier = verifier_for(config, store, args)
         short = [v.hour for v in verifier.verify(store.deliveries(start, stop)) if v.state == "short"]
@@ -245,9 +277,9 @@ def _repair(config: Config, args: argparse.Namespace, out: TextIO, hours: list[d
 def _writer_or_reader(config: Config) -> StateStore:
     """The store as its writer when free (verdicts are then recorded), else read-only next to `run`."""
     try:
-        return open_store(config.state_store_url)
+        return open_configured_store(config)
     except ConnectorError:
-        return open_store(config.state_store_url, readonly=True)
+        return open_configured_store(config, readonly=True)
 
 
 def _record(store: StateStore, verdicts) -> None:
@@ -308,11 +340,15 @@ def _print_verdicts(verdicts, persons, out: TextIO, as_json: bool) -> None:
 
 def _check_store(config: Config) -> dict:
     """The store can be read, and written where the connector will write; nothing is created."""
+    if is_postgres(config.state_store_url):
+        from .postgres_store import check_store
+
+        return check_store(config.state_store_url)
     path = sqlite_path(config.state_store_url)
     shown = _shown_store(config)
     if os.path.exists(path):
         try:
-            open_store(config.state_store_url, readonly=True).close()
+            open_configured_store(config, readonly=True).close()
         except ConnectorError as exc:
             return {"ok": False, "store": shown, "error": str(exc)}
         writable = os.access(path, os.W_OK)
@@ -326,7 +362,7 @@ def _check_store(config: Config) -> dict:
 
 
 def _shown_store(config: Config) -> str:
-    return config.state_store_url
+    return masked(config.state_store_url)
 
 
 # -- the parser -------------------------------------------------------------
@@ -338,8 +374,12 @@ A failing hour is retried on later ticks with backoff; the process keeps
 running. SIGTERM or Ctrl-C stops it within seconds; an unfinished hour is
 redone from its start next time. Serves /healthz and /metrics on HEALTH_PORT.
 
-exit status: 0 after a stop, 1 when it cannot continue (e.g. the state is
-locked by another connector), 2 configuration or key errors.
+With a PostgreSQL store, a second connector on the same sync waits as a
+standby and takes over when the working one's lease runs out.
+
+exit status: 0 after a stop, 1 when it cannot continue (e.g. the SQLite state
+is locked by another connector), 2 configuration or key errors (an unreachable
+PostgreSQL store at start included).
 
 example: python -m connector --env-file .env run"""),
     "sync": (cmd_sync, "sync every due hour once and exit", """\
@@ -348,19 +388,22 @@ the events it would send, as JSON lines, over the same hours, and changes
 nothing: no request to PostHog, no write to the state store.
 
 exit status: 0 every hour delivered, 1 an hour failed (see `status`:
-last_error), 2 configuration or key errors.
+last_error) or another connector works this sync, 2 configuration or key errors.
 
 examples: python -m connector --env-file .env sync --hours 2
           python -m connector --env-file .env sync --dry-run --hours 1 | head"""),
     "status": (cmd_status, "print the plan, totals and last error as JSON", """\
 Prints the cursor (the first hour not yet delivered), backlog, next due time,
-lag, totals, rejections by reason and the last error. Reads the state without
-locking, so it works next to a running connector; before the first sync it
-prints the plan the first sync would follow.
+lag, totals, rejections by reason, the last error, and the sync's name and
+lease. Reads the state without locking, so it works next to a running
+connector; before the first sync it prints the plan the first sync would
+follow. With --all: every sync in the store (PostgreSQL holds many), each
+with its cursor, lag, hours done, lease holder and last error.
 
-exit status: 0, or 2 for configuration errors.
+exit status: 0, or 2 for configuration errors (an unreachable store included).
 
-example: docker exec connector python -m connector status"""),
+examples: docker exec connector python -m connector status
+          python -m connector --env-file .env status --all"""),
     "check": (cmd_check, "reach Amplitude, PostHog and the state store; change nothing", """\
 Validates the configuration, asks Amplitude for one hour (headers only),
 sends PostHog an empty batch, and checks the state store can be read and
@@ -431,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["repair"].add_argument("--hours", required=True, help="H1..H2, e.g. 2025-07-01T10..2025-07-01T12")
     parsers["repair"].add_argument("--json", action="store_true", help="print the verdicts as JSON lines")
     parsers["repair"].add_argument("--grace-minutes", type=float, default=None, help="override VERIFY_GRACE_MINUTES")
+    parsers["status"].add_argument("--all", action="store_true",
+                                   help="list every sync in the store with its cursor, lag and lease")
     parsers["rejected"].add_argument("--hour", help="only this hour (YYYY-MM-DDTHH)")
     parsers["rejected"].add_argument("--reason", help="only this reason, e.g. no_usable_id")
     parsers["rejected"].add_argument("--limit", type=int, default=100, help="at most this many (default 100)")

@@ -15,8 +15,10 @@ in one `ConfigError`, each naming its variable.
 
 Formats: `text` (the default), `url` (absolute http/https, no trailing slash),
 `hour` (a UTC hour, see `hours.parse_hour`), `duration` with a `unit`,
-`number`, `integer`, `list` (comma-separated), `store` (STATE_STORE_URL). An
-empty value without a default is `None` (off) for hours and numbers.
+`number`, `integer`, `list` (comma-separated), `store` (STATE_STORE_URL: a path,
+`sqlite:///path` or `postgresql://`; its password is masked wherever it is
+shown, and is one of the `secret_values`). An empty value without a default is
+`None` (off) for hours and numbers.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from importlib import resources
 from typing import Any, Callable, Mapping
@@ -32,6 +34,7 @@ from urllib.parse import urlsplit
 
 from .errors import ConfigError, Problem
 from .hours import parse_hour
+from .store_url import check_postgres, is_postgres, masked, passwords
 
 REGION_HOSTS = {
     "US": "https://amplitude.com",
@@ -154,7 +157,9 @@ class Config:
     export_delay: timedelta
     poll_interval: timedelta
     events_to_ignore: frozenset[str]
-    state_store_url: str
+    state_store_url: str = field(repr=False)  # a postgresql:// URL holds a password
+    sync_name: str
+    lease: timedelta
     export_timeout: timedelta
     posthog_timeout: timedelta
     max_events_per_second: float
@@ -177,7 +182,8 @@ class Config:
     def secret_values(self) -> tuple[str, ...]:
         """The raw secret values, for scrubbing output. Never log these."""
         values = (getattr(self, f.name) for f in fields(self))
-        return tuple(v.reveal() for v in values if isinstance(v, Secret) and v.reveal())
+        secrets = tuple(v.reveal() for v in values if isinstance(v, Secret) and v.reveal())
+        return secrets + passwords(self.state_store_url)
 
 
 def _number(text: str, setting: Setting, integer: bool) -> float | int:
@@ -206,6 +212,9 @@ def _url(text: str, setting: Setting) -> str:
 
 
 def _store(text: str, setting: Setting) -> str:
+    if is_postgres(text):
+        check_postgres(text)
+        return text
     if text.startswith("sqlite:///") or "://" not in text:
         return text
     raise ValueError(text)
@@ -224,7 +233,7 @@ _PARSERS: dict[str, tuple[Callable[[str, Setting], Any], Callable[[Setting], str
     "number": (lambda text, s: float(_number(text, s, integer=False)), lambda s: f"a number{_range(s)}"),
     "integer": (lambda text, s: _number(text, s, integer=True), lambda s: f"a whole number{_range(s)}"),
     "list": (lambda text, s: frozenset(part.strip() for part in text.split(",") if part.strip()), lambda s: "a list"),
-    "store": (_store, lambda s: "a file path or sqlite:///path"),
+    "store": (_store, lambda s: "a file path, sqlite:///path or postgresql://user:password@host:5432/database"),
 }
 # An empty value without a default: "" for text-like formats, None (off, unset) for the others.
 _EMPTY = {"text": "", "url": "", "store": "", "list": frozenset()}
@@ -237,7 +246,7 @@ def load_config(env: Mapping[str, str], schema: tuple[Setting, ...] | None = Non
     problems: list[Problem] = []
     for setting in schema:
         text = env.get(setting.env, "").strip() or setting.default
-        shown = "the value given" if setting.secret else repr(text)
+        shown = "the value given" if setting.secret else repr(masked(text) if setting.format == "store" else text)
         if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
             # docker --env-file keeps quotes as part of the value, and so does --env-file here.
             problems.append(Problem(setting.env, f"{setting.env} is wrapped in quotes ({shown}): an env file keeps "

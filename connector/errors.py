@@ -10,6 +10,7 @@
     │   ├── ExportUnavailable  Amplitude answered 429/5xx/timeout/garbage
     │   ├── PostHogUnavailable PostHog answered 429/5xx/timeout or refused the connection
     │   ├── QueryUnavailable   PostHog's query API (read-back) did not answer usefully this time
+    │   ├── StoreUnavailable   the PostgreSQL state store did not answer (restart, network); the hour is redone
     │   └── ClockAhead         an hour is due by this machine's clock, not by the servers'
     ├── OperatorActionNeeded   retrying the same way cannot help; a person must act
     │   ├── HourTooLarge       a single hour is over the Export API's 4 GB limit
@@ -17,6 +18,9 @@
     │   ├── UnexpectedArchive  an export that does not look like Amplitude's
     │   └── EndpointRefused    /batch/ answers in words that are not capture's (a login wall's
     │                          200, a proxy's 400/413), or refuses every event alone
+    ├── LeaseLost              another connector works this sync now: the hour stops, nothing of it is
+    │   │                      committed, and this connector waits as a standby
+    │   └── LeaseHeld          another connector held the lease already: `sync` exits 1, `run` waits as a standby
     ├── RecordRejected         one record cannot be imported; it is kept with its reason
     └── Interrupted            the process is stopping; the unfinished hour is redone next start
 
@@ -90,6 +94,14 @@ class ClockAhead(RetryLater):
     """This machine's clock says an hour is due; the server's `Date` says it is not yet."""
 
 
+class StoreUnavailable(RetryLater):
+    """The PostgreSQL state store could not be reached or dropped the connection mid-write.
+
+    Nothing half-done stays: every write is one transaction, so the hour is redone
+    (or, when its commit did land, the next attempt finds the cursor already past it).
+    """
+
+
 class OperatorActionNeeded(ConnectorError):
     """Retrying will not help; the message says what a person must do."""
 
@@ -108,6 +120,16 @@ class UnexpectedArchive(OperatorActionNeeded):
 
 class EndpointRefused(OperatorActionNeeded):
     """PostHog's /batch/ refuses requests in a way that is not PostHog refusing an event."""
+
+
+class LeaseLost(ConnectorError):
+    """This connector no longer holds the lease of its sync (a pause or a partition
+    outlasted it, and another connector may have taken over). The write that found
+    out was refused in its own transaction, so nothing of the hour is committed."""
+
+
+class LeaseHeld(LeaseLost):
+    """Another connector holds the lease of this sync; this one never had it."""
 
 
 class RecordRejected(ConnectorError):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .hours import Plan
+from .lease import LeaseState
 
 
 class Metrics:
@@ -49,5 +53,36 @@ class Metrics:
         self.lag.set(plan.lag.total_seconds())
         self.backlog.set(plan.backlog)
 
+    def watch_lease(self, lease_state: Callable[[], LeaseState]) -> None:
+        """Show the sync's lease, read from `lease_state()` at every scrape."""
+        self.registry.register(_LeaseCollector(lease_state))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _LeaseCollector:
+    """The lease as the store last knew it: held or standby, holder, renewals, takeovers."""
+
+    def __init__(self, lease_state: Callable[[], LeaseState]):
+        self._lease_state = lease_state
+
+    def collect(self) -> Iterator[Metric]:
+        state = self._lease_state()
+        held = GaugeMetricFamily("connector_lease_held", "1 while this connector holds its sync's lease, 0 as a standby",
+                                 labels=["sync"])
+        held.add_metric([state.sync], int(state.held))
+        yield held
+        info = GaugeMetricFamily("connector_lease_info", "The sync's lease: this connector's role and the holder it knows",
+                                 labels=["sync", "role", "holder"])
+        info.add_metric([state.sync, state.role, state.holder or ""], 1)
+        yield info
+        for name, help_text, value in (
+            ("connector_lease_renewals", "Lease renewals by this connector", state.renewals),
+            ("connector_lease_acquisitions", "Times this connector acquired the lease", state.acquisitions),
+            ("connector_lease_takeovers", "Acquisitions of a lease another connector held and let run out (failovers)",
+             state.takeovers),
+        ):
+            counter = CounterMetricFamily(name, help_text, labels=["sync"])
+            counter.add_metric([state.sync], value)
+            yield counter

@@ -6,6 +6,13 @@ running. A service answer that means the configuration is wrong (401/403, a
 redirect, a 404 that is not the service's) may be a restarting server or proxy:
 it is retried the same way, and ends the loop only when it persisted for
 CONFIG_GRACE. A stop ends the loop at once.
+
+A tick first makes sure this connector holds its sync's lease. When another
+connector holds it (or takes it over mid-hour: `LeaseLost`), this one is a
+standby: it logs so once per holder, stays healthy, and tries again every
+lease/3 until the lease runs out or is released, then takes over.
+
+After each successful tick, delivered hours are read back (`verify`).
 """
 
 from __future__ import annotations
@@ -16,9 +23,10 @@ from datetime import datetime, timedelta
 import schedule
 
 from .app import App
-from .errors import ConfigError, ConnectorError, Interrupted, Problem
+from .errors import ConfigError, ConnectorError, Interrupted, LeaseHeld, LeaseLost, Problem
 from .health import serve
 from .hours import iso_hour
+from .lease import renew_interval, require_lease
 
 log = logging.getLogger("connector")
 
@@ -37,6 +45,9 @@ class Service:
         self._retry_at: datetime | None = None
         self._config_error_since: datetime | None = None
         self._announced_end = False
+        self._standby = False
+        self._standby_holder: str | None = None
+        self._announced_fence = 0
 
     def run(self) -> None:
         """Serve until stopped; raises `Interrupted` on a stop, `ConfigError` when settings are wrong."""
@@ -53,6 +64,7 @@ class Service:
                                                          "paths": ["/healthz", "/metrics"]})
         scheduler = schedule.Scheduler()
         scheduler.every(config.poll_interval.total_seconds()).seconds.do(self.tick)
+        scheduler.every(renew_interval(config.lease)).seconds.do(self.watch_lease)
         log.info("connector started", extra={"cursor": iso_hour(app.syncer.plan().cursor),
                                              "poll_interval_s": config.poll_interval.total_seconds()})
         self.tick()
@@ -65,12 +77,16 @@ class Service:
     def tick(self) -> None:
         app = self._app
         if self._retry_at and app.local_clock() < self._retry_at:
-            app.health.beat(app.store.last_error())
+            app.health.beat(self._last_error())
             return
         try:
+            self._hold_lease()
             app.syncer.sync_due()
+            self._succeeded()  # inside the try: with PostgreSQL its reads can fail too
         except Interrupted:
             raise
+        except LeaseLost as exc:
+            self._stand_by(exc)
         except ConfigError as exc:
             now = app.local_clock()
             self._config_error_since = self._config_error_since or now
@@ -79,17 +95,6 @@ class Service:
             self._failed(exc)
         except Exception as exc:  # noqa: BLE001 - the loop must outlive a bug in one tick
             self._failed(exc)
-        else:
-            if self._failures:
-                app.store.record_error(None)
-            self._failures, self._retry_at, self._config_error_since = 0, None, None
-            app.health.beat(None)
-            self.verify()
-            plan = app.syncer.plan()
-            if plan.finished and not self._announced_end:
-                self._announced_end = True
-                log.info("END_DATE reached: every hour before it is delivered; idling",
-                         extra={"end": iso_hour(plan.cursor)})
         app.metrics.last_tick.set(app.local_clock().timestamp())
 
     def verify(self) -> None:
@@ -131,6 +136,52 @@ class Service:
         for state in ("whole", "short", "pending"):
             app.metrics.hours_verified.labels(state).set(sum(v.state == state for v in verdicts))
         app.metrics.events_missing.set(sum(v.missing for v in verdicts if v.state == "short"))
+
+    def _succeeded(self) -> None:
+        app = self._app
+        if self._failures:
+            app.store.record_error(None)
+        self._failures, self._retry_at, self._config_error_since = 0, None, None
+        app.health.beat(None)
+        self.verify()
+        plan = app.syncer.plan()
+        if plan.finished and not self._announced_end:
+            self._announced_end = True
+            log.info("END_DATE reached: every hour before it is delivered; idling",
+                     extra={"end": iso_hour(plan.cursor)})
+
+    def watch_lease(self) -> None:
+        """A standby's poll, every lease/3: tick, which takes the lease if it is free now."""
+        if self._standby:
+            self.tick()
+
+    def _hold_lease(self) -> None:
+        state = require_lease(self._app.store)  # raises LeaseHeld: another connector works the sync
+        if state.fence != self._announced_fence and state.expires_at is not None:
+            self._announced_fence = state.fence
+            log.info("lease acquired: this connector works the sync",
+                     extra={"sync": state.sync, "holder": state.holder, "fence": state.fence,
+                            "takeover": self._standby, "takeovers": state.takeovers})
+        self._standby, self._standby_holder = False, None
+
+    def _stand_by(self, exc: LeaseLost) -> None:
+        app = self._app
+        state = app.store.lease_state()
+        if not self._standby or state.holder != self._standby_holder:
+            log.log(logging.INFO if isinstance(exc, LeaseHeld) else logging.WARNING,
+                    "standby: another connector works this sync; taking over when its lease runs out",
+                    extra={"sync": state.sync, "holder": state.holder,
+                           "lease_expires_at": state.expires_at.isoformat() if state.expires_at else None,
+                           "poll_s": round(renew_interval(app.config.lease), 1), "reason": str(exc)})
+        self._standby, self._standby_holder = True, state.holder
+        self._failures, self._retry_at, self._config_error_since = 0, None, None
+        app.health.beat(None)  # a standby is healthy: it is doing its job
+
+    def _last_error(self) -> str | None:
+        try:
+            return self._app.store.last_error()
+        except ConnectorError as exc:  # a PostgreSQL store may be unreachable right now
+            return f"{type(exc).__name__}: {exc}"
 
     def _failed(self, exc: Exception) -> None:
         app = self._app

@@ -1,8 +1,10 @@
 """The embedded state store: one SQLite file, one writer at a time.
 
 Guarantees are those of `store.StateStore`. One writer is enforced by a `flock`
-on `<state>.lock`; readers (`status`, `rejected`) take no lock and write
-nothing. Merge records and rejections are written with synchronous=NORMAL (a
+on `<state>.lock`, which is also the file's lease: taken when the store opens
+(a second writer is refused there), held until it closes, so `acquire()` has
+nothing left to do. One file holds one sync. Readers (`status`, `rejected`)
+take no lock and write nothing. Merge records and rejections are written with synchronous=NORMAL (a
 power cut can only make them be sent again, which PostHog deduplicates); the
 cursor commit switches to FULL, because the cursor is the promise that an hour
 was delivered.
@@ -20,7 +22,8 @@ from urllib.parse import quote
 
 from .errors import StateError
 from .hours import iso_hour, parse_hour
-from .store import TOTALS, Delivery, EmptyStore, HourCounts, Totals, Verdict
+from .lease import LeaseState
+from .store import TOTALS, Delivery, EmptyStore, HourCounts, SyncInfo, Totals, Verdict
 from .translate import Rejection
 
 # SQLite's default limit on bound parameters is 32766 since 3.32; stay well below.
@@ -76,8 +79,9 @@ def _file_identity(path: str) -> tuple[int, int]:
 class SQLiteStore:
     """SQLite-backed state. `readonly=True` reads next to a running connector."""
 
-    def __init__(self, path: str, *, readonly: bool = False):
+    def __init__(self, path: str, *, readonly: bool = False, sync: str = "default"):
         self.path = path
+        self.sync = sync
         self._lock_fd: int | None = None
         self._conn: sqlite3.Connection | None = None
         try:
@@ -242,6 +246,24 @@ class SQLiteStore:
         if self._conn is None:
             return {}
         return dict(self._conn.execute("SELECT device_id, user_id FROM merges WHERE hour = ?", (iso_hour(hour),)))
+
+    def syncs(self) -> list[SyncInfo]:
+        if self._conn is None:
+            return []
+        return [SyncInfo(self.sync, self.cursor(), holder=None, lease_expires_at=None,
+                         # A reader cannot probe the flock without racing a starting writer.
+                         lease_active=True if self._lock_fd is not None else None, hours_done=self.totals().counters["hours_done"],
+                         last_error=self.last_error())]
+
+    # -- the lease: the flock -------------------------------------------------
+
+    def lease_state(self) -> LeaseState:
+        held = self._lock_fd is not None
+        return LeaseState(self.sync, held=held, holder=f"pid {os.getpid()} (flock)" if held else None,
+                          expires_at=None, acquisitions=int(held))
+
+    def acquire(self) -> LeaseState:
+        return self.lease_state()  # taken at open, or refused there
 
     # -- writes --------------------------------------------------------------
 

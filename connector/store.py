@@ -1,8 +1,10 @@
 """The state store: cursor, merge history, group state, rejected records, totals.
 
-`StateStore` is what the sync loop needs; `open_store(url)` picks the backend
-(`sqlite_store.SQLiteStore`, the embedded default). Per hour, the loop writes
-through an `HourWriter`, whose guarantees are deliberately split:
+`StateStore` is what the sync loop needs; `open_store(url)` picks the backend:
+`sqlite_store.SQLiteStore`, the embedded default, or
+`postgres_store.PostgresStore` for a `postgresql://` URL, where one database
+holds many syncs, each under its name. Per hour, the loop writes through an
+`HourWriter`, whose guarantees are deliberately split:
 
 - merges, group digests and rejections are durable as soon as they are
   written, and safe to write again: a merge PostHog accepted is recorded at
@@ -12,6 +14,12 @@ through an `HourWriter`, whose guarantees are deliberately split:
   together with the hour's counts, and only after PostHog accepted every
   event, merge and group update of the hour.
 
+One connector at a time works a sync: it holds the sync's lease (see
+`lease`). SQLite's lease is its `flock`, held from open to close; PostgreSQL's
+is a row with an expiry that the holder renews. Every write checks the lease in
+its own transaction and raises `LeaseLost` when this connector no longer holds
+it, so after a takeover the old holder cannot commit anything.
+
 `DryRunStore` reads a real store and keeps its own writes in memory, so a dry
 run sees the real cursor and merge history and changes nothing.
 """
@@ -20,10 +28,18 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, fields
-from datetime import date, datetime
-from typing import Iterable, Iterator, Mapping, Protocol
+from datetime import date, datetime, timedelta
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Protocol
+from urllib.parse import urlsplit
 
+from .lease import LeaseState
+from .store_url import is_postgres
 from .translate import Rejection
+
+if TYPE_CHECKING:
+    from .config import Config
+
+DEFAULT_LEASE = timedelta(seconds=30)
 
 
 @dataclass
@@ -83,6 +99,19 @@ class Verdict:
 class Totals:
     counters: dict[str, int] = field(default_factory=dict)  # TOTALS, plus merges_recorded
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SyncInfo:
+    """One sync of a store, as `status --all` lists it."""
+
+    name: str
+    cursor: datetime | None  # None: created, no first cursor decided yet
+    holder: str | None  # the connector holding (or last holding) the lease; None for SQLite's flock
+    lease_expires_at: datetime | None  # by the database's clock; None: released, or a flock
+    lease_active: bool | None  # someone holds it now, by the database's clock; None: cannot tell (a flock)
+    hours_done: int
+    last_error: str | None
 
 
 class HourWriter(Protocol):
@@ -153,18 +182,55 @@ class StateStore(Protocol):
 
     def last_error(self) -> str | None: ...
 
-    def close(self) -> None: ...
+    def acquire(self) -> LeaseState:
+        """Take the sync's lease unless another connector holds it; the state either way."""
+
+    def lease_state(self) -> LeaseState:
+        """The lease as this connector last knew it; no I/O (safe from the metrics thread)."""
+
+    def syncs(self) -> list[SyncInfo]:
+        """Every sync the store holds, by name."""
+
+    def close(self) -> None:
+        """Release the lease (if held) and the store's resources."""
 
 
-def open_store(url: str, *, readonly: bool = False) -> StateStore:
-    """The store named by STATE_STORE_URL: a file path or `sqlite:///path`.
+def open_store(url: str, *, readonly: bool = False, sync: str = "default",
+               lease: timedelta = DEFAULT_LEASE) -> StateStore:
+    """The store named by STATE_STORE_URL: a file path, `sqlite:///path`, or
+    `postgresql://user:password@host:5432/db`, for the sync named `sync`.
 
     `readonly` opens it for `status` and listings next to a running connector:
-    no lock, no writes; a store that does not exist yet reads as empty.
+    no lock or lease, no writes; a store that does not exist yet reads as empty.
+    A writer does not hold the lease of a PostgreSQL sync until `acquire()`.
     """
+    if is_postgres(url):
+        from .postgres_store import PostgresStore
+
+        return PostgresStore(url, sync, readonly=readonly, lease=lease)
     from .sqlite_store import SQLiteStore, sqlite_path
 
-    return SQLiteStore(sqlite_path(url), readonly=readonly)
+    return SQLiteStore(sqlite_path(url), readonly=readonly, sync=sync)
+
+
+def sync_name(config: "Config") -> str:
+    """SYNC_NAME, or one derived from what identifies the sync without a secret:
+    `<Amplitude host> to <PostHog host>`. Two Amplitude projects in one region
+    sent to one PostHog derive the same name, so they need a SYNC_NAME each."""
+    if config.sync_name:
+        return config.sync_name
+    return f"{_host(config.export_url)} to {_host(config.posthog_host)}"
+
+
+def _host(url: str) -> str:
+    # hostname and port only: a URL's userinfo may hold credentials.
+    parts = urlsplit(url)
+    return (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+
+
+def open_configured_store(config: "Config", *, readonly: bool = False) -> StateStore:
+    """`open_store` for this configuration's store, sync name and lease length."""
+    return open_store(config.state_store_url, readonly=readonly, sync=sync_name(config), lease=config.lease)
 
 
 class EmptyStore:
@@ -199,6 +265,9 @@ class EmptyStore:
 
     def merges_of(self, hour: datetime) -> dict[str, str]:
         return {}
+
+    def syncs(self) -> list[SyncInfo]:
+        return []
 
     def close(self) -> None:
         pass
@@ -256,6 +325,17 @@ class DryRunStore:
 
     def last_error(self) -> str | None:
         return self._real.last_error()
+
+    def acquire(self) -> LeaseState:
+        return self.lease_state()
+
+    def lease_state(self) -> LeaseState:
+        # A dry run writes nothing, so it needs no lease and may run next to the holder.
+        real = self._real.lease_state()
+        return LeaseState(real.sync, held=True, holder="dry run", expires_at=None)
+
+    def syncs(self) -> list[SyncInfo]:
+        return self._real.syncs()
 
     def close(self) -> None:
         self._real.close()

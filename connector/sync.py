@@ -95,7 +95,8 @@ class Syncer:
         """
         reports: list[HourReport] = []
         ahead: Pending | None = None
-        stop_at = self.start() + max_hours * HOUR if max_hours is not None else None
+        first = self.start()  # decided once, and stored: the clock must not move a cursor never committed
+        stop_at = first + max_hours * HOUR if max_hours is not None else None
         try:
             while not self._stop.is_set():
                 current = self.plan()
