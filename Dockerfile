@@ -32,12 +32,14 @@ open('/tmp/build-requirements.txt', 'w').write('\n'.join(p['build-system']['requ
 # the real file is copied next to the package and the wheel gets its content.
 COPY plugin.json README.m[d] ./
 COPY connector/ ./connector/
+# pycountry's locales (22 MB of translations) go: the connector reads English names only.
 RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation -w /tmp/dist . \
  && /opt/venv/bin/pip install --no-deps /tmp/dist/*.whl \
  && /opt/venv/bin/python -c "import json, pathlib, sysconfig; \
 p = pathlib.Path(sysconfig.get_paths()['purelib'], 'connector', 'plugin.json'); \
 assert p.is_file() and not p.is_symlink(), p; json.loads(p.read_text())" \
  && /opt/venv/bin/pip uninstall -y pip setuptools \
+ && rm -rf /opt/venv/lib/python3.11/site-packages/pycountry/locales \
  && rm -rf /tmp/dist /root/.cache
 
 # ---- runtime ------------------------------------------------------------------
