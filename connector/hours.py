@@ -33,6 +33,11 @@ def hour_param(hour: datetime) -> str:
     return hour.astimezone(timezone.utc).strftime("%Y%m%dT%H")
 
 
+def export_hour_tag(hour: datetime) -> str:
+    """`2025-07-01T10`: the `$amplitude_export_hour` every imported event of that hour carries."""
+    return hour.astimezone(timezone.utc).strftime("%Y-%m-%dT%H")
+
+
 def iso_hour(hour: datetime) -> str:
     """`2025-07-01T10:00:00Z`: how hours are stored and printed."""
     return hour.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:00:00Z")

@@ -70,7 +70,7 @@ from .deadline import DeadlineExceeded, install, whole_request
 from .config import Secret
 from .errors import AuthError, ConfigError, Interrupted, OperatorActionNeeded, Problem, QueryUnavailable, RetryLater
 from .redact import Redactor
-from .hours import HOUR, floor_hour
+from .hours import HOUR, export_hour_tag, floor_hour
 from .retry import Backoff, retry_after_seconds, retrying
 
 # Rows one query may return. PostHog caps every LIMIT at MAX_SELECT_RETURNED_ROWS
@@ -140,9 +140,6 @@ class _Answer:
     content: bytes
 
 
-def export_hour_value(hour: datetime) -> str:
-    """`2025-07-01T10`: the `$amplitude_export_hour` property of the events of that hour."""
-    return hour.astimezone(timezone.utc).strftime("%Y-%m-%dT%H")
 
 
 class PostHogQuery:
@@ -261,9 +258,9 @@ class PostHogQuery:
             values = {
                 "days": [d.isoformat() for d in chunk_days],
                 "until": (chunk[-1] + HOUR).strftime("%Y-%m-%d %H:%M:%S"),
-                "hours": [export_hour_value(h) for h in chunk],
+                "hours": [export_hour_tag(h) for h in chunk],
             }
-            what = f"PostHog hour counts {export_hour_value(chunk[0])}..{export_hour_value(chunk[-1])}"
+            what = f"PostHog hour counts {export_hour_tag(chunk[0])}..{export_hour_tag(chunk[-1])}"
             rows = self._query(HOUR_COUNTS_QUERY, values, HOUR_COUNTS_COLUMNS, what)
             wanted_hours, wanted_days = set(chunk), set(chunk_days)
             seen: set[tuple[datetime, date]] = set()

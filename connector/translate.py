@@ -33,6 +33,7 @@ import orjson
 
 from .archive import MAX_LINE_BYTES, Block
 from .errors import RecordRejected
+from .hours import export_hour_tag
 
 # PostHog's capture writes each event to Kafka inside an envelope whose `data`
 # field is the event JSON escaped as a string; librdkafka refuses a message
@@ -215,7 +216,7 @@ class TranslateContext:
     def __post_init__(self) -> None:
         latest = (self.hour + timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S")
         object.__setattr__(self, "latest_valid", latest)
-        export_hour = self.hour.astimezone(timezone.utc).strftime("%Y-%m-%dT%H")
+        export_hour = export_hour_tag(self.hour)
         object.__setattr__(self, "with_address", connector_properties(export_hour=export_hour, has_address=True))
         object.__setattr__(self, "without_address", connector_properties(export_hour=export_hour))
 

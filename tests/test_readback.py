@@ -13,8 +13,9 @@ import requests
 from connector import readback
 from connector.config import Secret
 from connector.errors import AuthError, ConfigError, OperatorActionNeeded, RetryLater
-from connector.readback import (HOUR_COUNTS_QUERY, PERSONS_QUERY, ROW_LIMIT, Counts, PostHogQuery,
-                                QueryUnavailable, export_hour_value)
+from connector.errors import QueryUnavailable
+from connector.hours import export_hour_tag
+from connector.readback import HOUR_COUNTS_QUERY, PERSONS_QUERY, ROW_LIMIT, Counts, PostHogQuery
 from connector.retry import Backoff
 from tests.fakes._http import FakeServer, QuietHandler, RecordLog
 from tests.fakes.posthog_query import Project, QueryApi
@@ -27,7 +28,7 @@ JUL1, JUN15 = date(2025, 7, 1), date(2025, 6, 15)
 
 def imported(hour: datetime, timestamp: str, uuid: str | None = None, distinct_id: str = "user-1",
              **properties) -> dict:
-    props = {"analytics_source": "amplitude", "$amplitude_export_hour": export_hour_value(hour), **properties}
+    props = {"analytics_source": "amplitude", "$amplitude_export_hour": export_hour_tag(hour), **properties}
     return {"event": "pageview", "distinct_id": distinct_id, "timestamp": timestamp,
             "uuid": uuid or str(uuidlib.uuid4()), "properties": {k: v for k, v in props.items() if v is not None}}
 
@@ -152,7 +153,7 @@ def test_calls_that_could_reach_the_row_limit_are_split(ph, qa):
     assert len(asked) > 1 and all(len(h) * len(d) < ROW_LIMIT for h, d in asked)
     pairs = [(h, d) for hs, ds in asked for h, d in itertools.product(hs, ds)]
     assert len(pairs) == len(set(pairs))  # no pair asked twice
-    needed = {(export_hour_value(h), d.isoformat()) for h in hours for d in days
+    needed = {(export_hour_tag(h), d.isoformat()) for h in hours for d in days
               if d <= (h + timedelta(hours=1)).date()}
     assert needed <= set(pairs)
     for hs, ds in asked:  # a day after a query's last hour holds none of its events: never asked
