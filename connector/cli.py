@@ -261,6 +261,7 @@ def _repair(config: Config, args: argparse.Namespace, out: TextIO, hours: list[d
             raise ConfigError([NO_READ_BACK])
         if getattr(args, "grace_minutes", None) is not None:
             app.verifier.grace = timedelta(minutes=args.grace_minutes)
+        require_lease(app.store)  # LeaseHeld (exit 1) while another connector works this sync
         if hours:
             reports = app.syncer.redeliver(hours)
             log.info("repaired", extra={"hours": len(reports), "events_sent": sum(r.counts.events_sent for r in reports)})
@@ -277,9 +278,16 @@ def _repair(config: Config, args: argparse.Namespace, out: TextIO, hours: list[d
 def _writer_or_reader(config: Config) -> StateStore:
     """The store as its writer when free (verdicts are then recorded), else read-only next to `run`."""
     try:
-        return open_configured_store(config)
+        store = open_configured_store(config)
     except ConnectorError:
         return open_configured_store(config, readonly=True)
+    try:
+        if store.acquire().held:  # SQLite: the lock taken at open; PostgreSQL: the sync's lease, if free
+            return store
+    except ConnectorError:
+        pass
+    store.close()
+    return open_configured_store(config, readonly=True)
 
 
 def _record(store: StateStore, verdicts) -> None:

@@ -97,7 +97,10 @@ def test_an_answer_that_is_not_captures_never_counts(amp, ph, tmp_path, name, re
         if exit_code == 1:
             assert words in state["last_error"], "status shows why"
         _, out = run(["check"], env)
-        assert json.loads(out)["posthog"]["ok"] is False
+        result = json.loads(out)["posthog"]
+        assert result["ok"] is False
+        if reply.status in (200, 400, 404):
+            assert "capture" in result["hint"], "check says POSTHOG_HOST is not PostHog's capture service"
         no_secret_in(err + out)
 
 

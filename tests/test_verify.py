@@ -19,6 +19,7 @@ from connector.store import Delivery
 from connector.verify import judge
 
 from .fakes.posthog_query import QueryApi
+from .pg_fixtures import pg_server, pg_url  # noqa: F401
 from .fakes.proxy import Front, Reply
 from .harness import HOUR, START, connector_env, populate, run, spawn, status
 
@@ -249,3 +250,32 @@ def test_check_reaches_the_query_api_when_a_personal_key_is_set(amp, ph, api, tm
     code, out = run(["check"], env_for(amp, ph, tmp_path, POSTHOG_PERSONAL_API_KEY="phx_not_this_one"))
     assert code == 1 and "POSTHOG_PERSONAL_API_KEY" in json.loads(out)["posthog_api"]["error"]
     assert "phx_not_this_one" not in out
+
+
+def test_events_kafka_expired_after_a_200_are_found_and_repaired(amp, ph, api, tmp_path):
+    """The fake PostHog's own fault: capture answers 200 and ingestion never reads the events."""
+    populate(amp, hours=2)
+    env = env_for(amp, ph, tmp_path, BATCH_SIZE="5000")
+    ph.inject("lose_after_accept", times=2)  # the first hour's merges request and its events request
+    assert run(["sync"], env)[0] == 0
+    code, hours, _, _ = verify(env)
+    assert code == 1 and [h["state"] for h in hours] == ["short", "whole", "whole"]  # the third hour is empty
+    assert run(["verify", "--repair", "--grace-minutes", "0"], env)[0] == 0
+    code, hours, _, total = verify(env)
+    assert code == 0 and total["total"]["missing"] == 0 and total["persons"]["not_merged"] == []
+
+
+def test_repair_on_postgresql_moves_no_cursor_and_verifies_whole(amp, ph, api, tmp_path, pg_url):
+    populate(amp, hours=2)
+    env = env_for(amp, ph, tmp_path, STATE_STORE_URL=pg_url, SYNC_NAME="verify on postgres")
+    with Front(LIAR) as liar:
+        assert run(["sync", "--hours", "1"], {**env, "POSTHOG_HOST": liar.base_url})[0] == 0
+    assert run(["sync"], env)[0] == 0
+    code, hours, _, _ = verify(env)
+    assert code == 1 and [h["state"] for h in hours] == ["short", "whole", "whole"]  # the third hour is empty
+    code, out = run(["repair", "--hours", START.strftime("%Y-%m-%dT%H"), "--grace-minutes", "0"], env)
+    assert code == 0, out
+    assert status(env)["cursor"] == (START + 3 * HOUR).isoformat()
+    code, hours, _, _ = verify(env)
+    assert code == 0 and [h["state"] for h in hours] == ["whole", "whole", "whole"]
+    assert status(env)["verification"]["hours_verified"] == 3
