@@ -94,15 +94,11 @@ def _postgres(url: str | None) -> Iterator[str]:
     if url:
         yield url
         return
-    from tests.pgserver import PgServer
+    from .pg import PASSWORD, ROLE, bench_server
 
-    with PgServer() as server:
-        with server.connect() as conn:
-            conn.execute("ALTER SYSTEM SET shared_buffers = '128MB'")  # PostgreSQL's own default
-        server.restart()
-        server.create_role("bench", "bench-password")
-        server.create_database("bench", owner="bench")
-        yield server.url("bench", "bench", "bench-password")
+    with bench_server() as server:
+        server.create_database("bench", owner=ROLE)
+        yield server.url("bench", ROLE, PASSWORD)
 
 
 def main() -> None:

@@ -43,18 +43,13 @@ def postgres_databases(url: str | None) -> Iterator[Callable[[], str]]:
 
         yield fresh
         return
-    from tests.pgserver import PgServer
+    from .pg import PASSWORD, ROLE, bench_server
 
-    with PgServer() as server:
-        with server.connect() as conn:
-            conn.execute("ALTER SYSTEM SET shared_buffers = '128MB'")  # PostgreSQL's own default
-        server.restart()
-        server.create_role("bench", "bench-password")
-
+    with bench_server() as server:
         def fresh() -> str:
             name = "bench_" + secrets.token_hex(4)
-            server.create_database(name, owner="bench")
-            return server.url(name, "bench", "bench-password")
+            server.create_database(name, owner=ROLE)
+            return server.url(name, ROLE, PASSWORD)
 
         yield fresh
 

@@ -31,7 +31,7 @@ from connector.batches import make_batch
 from .fakes.amplitude import FakeAmplitude
 from .fakes.posthog import FakePostHog
 from .fakes.proxy import LOGIN_PAGE, NGINX_400, NGINX_404, NGINX_413, Front, Reply, Trickle
-from .harness import AMP_KEY, AMP_SECRET, HOUR, PH_KEY, ROOT, START, connector_env, populate, run, spawn, status
+from .harness import AMP_KEY, AMP_SECRET, HOUR, PH_KEY, START, connector_env, populate, run, spawn, status
 
 SECRETS = (AMP_KEY, AMP_SECRET, PH_KEY, base64.b64encode(f"{AMP_KEY}:{AMP_SECRET}".encode()).decode())
 ONE_HOUR = (START + HOUR).strftime("%Y-%m-%dT%H")
@@ -173,8 +173,6 @@ def test_servers_clock_behind_ours_stops_not_yet_due_hours_from_counting_as_empt
 
 def test_a_clock_ahead_waits_and_the_hours_arrive_once_due(ph, tmp_path):
     """The connector's own clock injected two days ahead; Amplitude's answers tell the truth."""
-    import threading
-
     from connector.app import App
     from connector.config import load_config
     from connector.errors import ClockAhead
@@ -275,7 +273,7 @@ def test_a_busy_health_port_is_a_clear_error(amp, ph, tmp_path):
 
 
 def test_health_listens_on_127_0_0_1_unless_told_otherwise(amp, ph, tmp_path):
-    from .test_process import free_port, get, wait_until
+    from .test_process import free_port, wait_until
 
     port = free_port()
     proc = spawn(["run"], connector_env(amp, ph, tmp_path, HEALTH_PORT=str(port)))

@@ -1,11 +1,12 @@
-"""The SQLite state store: atomic hours, one writer, owner-only, clear errors."""
+"""What only the SQLite store does: one writer by flock, owner-only file, clear errors about the file.
+
+The rules both stores follow are in test_store_contract.py, run against each.
+"""
 
 from __future__ import annotations
 
 import os
 import stat
-import subprocess
-import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -16,60 +17,6 @@ from connector.store import HourCounts
 from connector.translate import Rejection
 
 H = datetime(2025, 7, 1, 9, tzinfo=timezone.utc)
-
-
-def test_commit_advances_the_cursor_with_the_hours_counts(tmp_path):
-    store = SQLiteStore(str(tmp_path / "s.sqlite"))
-    store.start_at(H)
-    with store.hour(H) as txn:
-        txn.record_merges([("dev1", "user1")])
-        txn.record_rejections([Rejection("no_usable_id", "both ids unusable", b"{}")])
-        txn.commit(H + timedelta(hours=1), HourCounts(events_read=3, events_sent=2, merges_sent=1, rejected=1))
-    assert store.cursor() == H + timedelta(hours=1)
-    with store.hour(H + timedelta(hours=1)) as txn:
-        assert txn.linked_users(["dev1", "dev2"]) == {"dev1": "user1"}
-    totals = store.totals()
-    assert totals.counters["events_sent"] == 2 and totals.counters["merges_recorded"] == 1
-    assert totals.rejected_by_reason == {"no_usable_id": 1}
-    assert [r.raw for _, r in store.rejections(hour=H)] == [b"{}"]
-
-
-def test_an_unfinished_hour_keeps_the_cursor_and_its_redo_starts_clean(tmp_path):
-    store = SQLiteStore(str(tmp_path / "s.sqlite"))
-    store.start_at(H)
-    with pytest.raises(RuntimeError):
-        with store.hour(H) as txn:
-            txn.record_merges([("dev1", "user1")])  # PostHog accepted this merge
-            txn.record_rejections([Rejection("x", "", b"raw")])
-            raise RuntimeError("PostHog went away")
-    assert store.cursor() == H
-    assert store.totals().counters["merges_recorded"] == 1, "an accepted merge stays recorded: never sent twice"
-    with store.hour(H) as txn:
-        assert store.rejections(hour=H) == [], "the redo starts without the unfinished attempt's rejections"
-        assert txn.linked_users(["dev1"]) == {"dev1": "user1"}
-
-
-def test_a_killed_writer_keeps_every_committed_write(tmp_path):
-    path = tmp_path / "s.sqlite"
-    script = f"""
-import os
-from datetime import datetime, timedelta, timezone
-from connector.sqlite_store import SQLiteStore
-from connector.store import HourCounts
-H = datetime(2025, 7, 1, 9, tzinfo=timezone.utc)
-s = SQLiteStore({str(path)!r})
-s.start_at(H)
-with s.hour(H) as t:
-    t.record_merges([("d", "u")]); t.commit(H + timedelta(hours=1), HourCounts())
-with s.hour(H + timedelta(hours=1)) as t:
-    t.record_merges([("d2", "u2")])
-    os.kill(os.getpid(), 9)
-"""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True)
-    assert result.returncode == -9
-    store = SQLiteStore(str(path))
-    assert store.cursor() == H + timedelta(hours=1)
-    assert store.totals().counters["merges_recorded"] == 2
 
 
 def test_second_writer_is_refused_by_the_lock(tmp_path):
