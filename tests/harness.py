@@ -5,8 +5,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from random import Random
@@ -68,3 +73,41 @@ def populate(amp, hours: int = 3, events_per_hour: int = 200, seed: int = 7, mem
         mine = [r for r in records if r["server_upload_time"].startswith(hour.strftime("%Y-%m-%d %H"))]
         amp.add_records(hour, mine, members=members)
     return records
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str) -> tuple[int, str]:
+    """(status, body) of a GET; HTTP errors are answers too."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def wait_until(predicate, timeout: float, what: str):
+    """Poll a condition with a deadline (for things with no event to wait on, like a port)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def check_delivery(ph, expected: set[str]) -> None:
+    """Every expected uuid arrived; duplicates are identical; no merge pair was sent more than twice."""
+    received = ph.events
+    assert {e.uuid for e in received} == expected, "every event arrived"
+    seen: dict[str, tuple] = {}
+    for e in received:
+        key = (e.uuid, e.event, e.distinct_id, e.timestamp)
+        assert seen.setdefault(e.uuid, key) == key, "a duplicate is identical (PostHog dedups it)"
+    merges = Counter((e.distinct_id, e.properties["alias"]) for e in received if e.event == "$create_alias")
+    assert merges and max(merges.values()) <= 2, "no merge pair sent more than twice"

@@ -14,7 +14,6 @@ import signal
 import threading
 import time
 import urllib.request
-from collections import Counter
 from datetime import timedelta
 
 import psycopg
@@ -25,9 +24,9 @@ from connector.lease import takeover_bound
 from connector.store_url import passwords
 
 from .fakes.posthog import FakePostHog
-from .harness import AMP_KEY, AMP_SECRET, HOUR, PH_KEY, START, connector_env, populate, run, spawn
+from .harness import (AMP_KEY, AMP_SECRET, HOUR, PH_KEY, START, check_delivery, connector_env, free_port,
+                      populate, run, spawn, wait_until)
 from .pg_fixtures import pg_database, pg_server, pg_url  # noqa: F401
-from .test_process import free_port, wait_until
 
 LEASE = 3  # seconds: the shortest LEASE_SECONDS allows, so takeovers are quick
 IDENTITY_EVENTS = ("$create_alias", "$groupidentify")
@@ -76,17 +75,6 @@ def expected_uuids(amp, tmp_path, env) -> set[str]:
                                  "MAX_EVENTS_PER_SECOND": "0"})
         assert code == 0
         return {e.uuid for e in probe.events}
-
-
-def check_delivery(ph, expected: set[str]) -> None:
-    received = ph.events
-    assert {e.uuid for e in received} == expected, "every event arrived"
-    seen: dict[str, tuple] = {}
-    for e in received:
-        key = (e.uuid, e.event, e.distinct_id, e.timestamp)
-        assert seen.setdefault(e.uuid, key) == key, "a duplicate is identical (PostHog dedups it)"
-    merges = Counter((e.distinct_id, e.properties["alias"]) for e in received if e.event == "$create_alias")
-    assert merges and max(merges.values()) <= 2, "no merge pair sent more than twice"
 
 
 def sent_events(ph) -> int:

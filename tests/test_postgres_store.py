@@ -16,6 +16,7 @@ from connector.store import HourCounts
 from connector.store_url import masked, passwords, scrub
 from connector.translate import Rejection
 
+from .harness import wait_until
 from .pg_fixtures import pg_database, pg_server, pg_url  # noqa: F401
 
 H = datetime(2025, 7, 1, 9, tzinfo=timezone.utc)
@@ -36,16 +37,6 @@ def stores():
     yield make
     for store in reversed(opened):
         store.close()
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def sql(url: str, query: str, params=None):

@@ -5,43 +5,16 @@ from __future__ import annotations
 import json
 import random
 import signal
-import socket
 import time
-import urllib.request
-from collections import Counter
 
 
 from .fakes.amplitude import FakeAmplitude
 from .fakes.posthog import FakePostHog
-from .harness import AMP_KEY, AMP_SECRET, HOUR, PH_KEY, START, connector_env, populate, run, spawn, status
+from .harness import (AMP_KEY, AMP_SECRET, HOUR, PH_KEY, START, check_delivery, connector_env, free_port, get,
+                      populate, run, spawn, status, wait_until)
 
 IGNORED = {"session_start", "session_end"}
 SECRETS = (AMP_KEY, AMP_SECRET, PH_KEY)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
-def wait_until(predicate, timeout: float, what: str):
-    """Poll a condition with a deadline (for things with no event to wait on, like a port)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_sigterm_during_a_long_hour_stops_within_seconds_and_keeps_the_cursor(amp, ph, tmp_path):
@@ -163,12 +136,5 @@ def test_sigkill_at_twenty_points_loses_nothing_and_duplicates_only_identically(
         assert run(["sync"], env)[0] == 0
         assert status(env)["cursor"] == (START + hours * HOUR).isoformat()
 
-        received = ph.events
-        assert {e.uuid for e in received} == expected, "every event arrived"
-        seen: dict[str, tuple] = {}
-        for e in received:
-            key = (e.uuid, e.event, e.distinct_id, e.timestamp)
-            assert seen.setdefault(e.uuid, key) == key, "a duplicate is identical (PostHog dedups it)"
-        merges = Counter((e.distinct_id, e.properties["alias"]) for e in received if e.event == "$create_alias")
-        assert merges and max(merges.values()) <= 2, "no merge pair sent more than twice"
+        check_delivery(ph, expected)
         assert len(records) == hours * 400

@@ -197,7 +197,7 @@ def test_without_the_key_everything_else_works_as_before(amp, ph, tmp_path):
 # -- run verifies and repairs on its own -------------------------------------------------
 
 def test_run_finds_a_lost_hour_repairs_it_and_reports_it(amp, ph, api, tmp_path):
-    from .test_process import free_port, get, wait_until
+    from .harness import free_port, get, wait_until
 
     populate(amp, hours=3)
     env = env_for(amp, ph, tmp_path, VERIFY_GRACE_MINUTES="0", POLL_INTERVAL_MINUTES="0.05", LOG_LEVEL="INFO")
@@ -221,7 +221,7 @@ def test_run_finds_a_lost_hour_repairs_it_and_reports_it(amp, ph, api, tmp_path)
 
 
 def test_run_reports_an_hour_that_stays_short(amp, ph, api, tmp_path):
-    from .test_process import free_port, get, wait_until
+    from .harness import free_port, get, wait_until
 
     populate(amp, hours=1)
     env = env_for(amp, ph, tmp_path, VERIFY_GRACE_MINUTES="0", POLL_INTERVAL_MINUTES="0.05", REPAIR_ATTEMPTS="0",
