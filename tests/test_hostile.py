@@ -31,7 +31,8 @@ from connector.batches import make_batch
 from .fakes.amplitude import FakeAmplitude
 from .fakes.posthog import FakePostHog
 from .fakes.proxy import LOGIN_PAGE, NGINX_400, NGINX_404, NGINX_413, Front, Reply, Trickle
-from .harness import AMP_KEY, AMP_SECRET, HOUR, PH_KEY, START, connector_env, populate, run, spawn, status
+from .harness import (AMP_KEY, AMP_SECRET, HOUR, PH_KEY, START, connector_env,
+                      free_port, get, populate, run, spawn, status, wait_until)
 
 SECRETS = (AMP_KEY, AMP_SECRET, PH_KEY, base64.b64encode(f"{AMP_KEY}:{AMP_SECRET}".encode()).decode())
 ONE_HOUR = (START + HOUR).strftime("%Y-%m-%dT%H")
@@ -273,8 +274,6 @@ def test_a_busy_health_port_is_a_clear_error(amp, ph, tmp_path):
 
 
 def test_health_listens_on_127_0_0_1_unless_told_otherwise(amp, ph, tmp_path):
-    from .harness import free_port, wait_until
-
     port = free_port()
     proc = spawn(["run"], connector_env(amp, ph, tmp_path, HEALTH_PORT=str(port)))
     try:
@@ -337,8 +336,6 @@ def test_a_full_tmpdir_is_the_last_error_and_the_cursor_stays(amp, ph, tmp_path)
 # -- services that restart -----------------------------------------------------------
 
 def test_a_transient_401_does_not_end_run(amp, ph, tmp_path):
-    from .harness import free_port, get
-
     populate(amp, hours=1)
     ph.inject("status", code=401, body="API key is not valid: restarting")
     port = free_port()
@@ -406,8 +403,6 @@ def _alive(pid: int) -> bool:
 
 
 def test_workers_and_the_resource_tracker_exit_when_the_main_process_is_killed(amp, ph, tmp_path):
-    from .harness import wait_until
-
     populate(amp, hours=2, events_per_hour=3000)
     env = connector_env(amp, ph, tmp_path, WORKERS="3", MAX_EVENTS_PER_SECOND="200")
     proc = spawn(["sync"], env)
@@ -423,8 +418,6 @@ def test_workers_and_the_resource_tracker_exit_when_the_main_process_is_killed(a
 
 
 def test_a_killed_download_leaves_nothing_behind_after_the_next_start(ph, tmp_path):
-    from .harness import wait_until
-
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     with FakeAmplitude(AMP_KEY, AMP_SECRET) as amp:

@@ -21,7 +21,7 @@ from connector.verify import judge
 from .fakes.posthog_query import QueryApi
 from .pg_fixtures import pg_server, pg_url  # noqa: F401
 from .fakes.proxy import Front, Reply
-from .harness import HOUR, START, connector_env, populate, run, spawn, status
+from .harness import HOUR, START, connector_env, free_port, get, populate, run, spawn, status, wait_until
 
 PERSONAL_KEY = "phx_personal_key_7c1d2e"
 LIAR = Reply(200, b'{"status":"Ok"}', "application/json")
@@ -197,8 +197,6 @@ def test_without_the_key_everything_else_works_as_before(amp, ph, tmp_path):
 # -- run verifies and repairs on its own -------------------------------------------------
 
 def test_run_finds_a_lost_hour_repairs_it_and_reports_it(amp, ph, api, tmp_path):
-    from .harness import free_port, get, wait_until
-
     populate(amp, hours=3)
     env = env_for(amp, ph, tmp_path, VERIFY_GRACE_MINUTES="0", POLL_INTERVAL_MINUTES="0.05", LOG_LEVEL="INFO")
     with Front(LIAR) as liar:
@@ -221,8 +219,6 @@ def test_run_finds_a_lost_hour_repairs_it_and_reports_it(amp, ph, api, tmp_path)
 
 
 def test_run_reports_an_hour_that_stays_short(amp, ph, api, tmp_path):
-    from .harness import free_port, get, wait_until
-
     populate(amp, hours=1)
     env = env_for(amp, ph, tmp_path, VERIFY_GRACE_MINUTES="0", POLL_INTERVAL_MINUTES="0.05", REPAIR_ATTEMPTS="0",
                   END_DATE=(START + HOUR).strftime("%Y-%m-%dT%H"))
